@@ -34,6 +34,7 @@ import enum
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Self
 
 from xendbg.errors import Unsupported
 
@@ -234,7 +235,7 @@ class Domain(ABC):
         """Detach: disable every event source, restore page rights, answer pending
         events, drop our pauses so the domain runs as before.  Idempotent."""
 
-    def __enter__(self) -> Domain:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
