@@ -5,10 +5,16 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 GUESTS := build/guests
-APT_TEST_PKGS := gdb lldb binutils qemu-system-x86 make
-APT_TEST_CMDS := gdb lldb as ld objdump qemu-system-x86_64
+# make test also boots Xen + dom0 under QEMU (the Xen lab, docs/xen-lab.md); LAB=0 skips it.
+# LAB_ONLY="lab-boot xen-list" runs only the named lab scenarios.
+LAB ?= 1
+LAB_ONLY ?=
+APT_LAB_PKGS := qemu-system-x86 mmdebstrap cpio
+APT_LAB_CMDS := qemu-system-x86_64 mmdebstrap cpio
+APT_TEST_PKGS := gdb lldb binutils qemu-system-x86 make libxen-dev gcc
+APT_TEST_CMDS := gdb lldb as ld objdump qemu-system-x86_64 gcc
 
-.PHONY: install demo test test-deps guests lint typecheck pytest bench clean
+.PHONY: install demo test test-deps guests lint typecheck pytest bench clean lab-deps lab-test
 
 install: $(STAMP)
 
@@ -25,11 +31,14 @@ $(STAMP): pyproject.toml constraints.txt
 guests: install
 	$(MAKE) -s -C tests/guests OUT=$(CURDIR)/$(GUESTS)
 
+# On a terminal: the interactive REPL.  Otherwise (CI, pipes): a scripted tour, then quit.
 demo: install guests
-	$(BIN)/xendbg demo --emu $(GUESTS)/longmode.elf
+	@if [ -t 0 ]; then $(BIN)/xendbg repl --emu $(GUESTS)/longmode.elf; \
+	else $(BIN)/xendbg repl --emu $(GUESTS)/longmode.elf --echo -x examples/demo.cmds </dev/null; fi
 
 test-deps:
 	@missing=""; for c in $(APT_TEST_CMDS); do command -v $$c >/dev/null || missing="$$missing $$c"; done; \
+	[ -f /usr/include/xenctrl.h ] || missing="$$missing libxen-dev"; \
 	if [ -n "$$missing" ]; then echo "missing:$$missing — installing Debian packages"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_TEST_PKGS); fi
 
@@ -44,6 +53,16 @@ pytest: install test-deps guests
 	$(BIN)/pytest -q
 
 test: install test-deps guests lint typecheck pytest
+	@if [ "$(LAB)" = 1 ]; then $(MAKE) --no-print-directory lab-test; else echo "lab-test skipped (LAB=$(LAB))"; fi
+
+lab-deps:
+	@missing=""; for c in $(APT_LAB_CMDS); do command -v $$c >/dev/null || missing="$$missing $$c"; done; \
+	if [ -n "$$missing" ]; then echo "missing:$$missing — installing Debian packages"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_LAB_PKGS); fi
+
+# Builds (once, cached outside the work tree) and boots the dom0 image; results in build/xenlab/.
+lab-test: install guests lab-deps
+	$(BIN)/python tests/lab/xenlab.py $(if $(strip $(LAB_ONLY)),--only $(LAB_ONLY))
 
 bench: install guests
 	$(BIN)/python bench/emu_speed.py $(GUESTS)/longmode.elf
