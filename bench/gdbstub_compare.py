@@ -5,7 +5,7 @@ QEMU boots it through its PVH note (`qemu-system-x86_64 -kernel … -s -S`).
 Each is first run to `main_loop` (the guest's own page tables live), then:
 
   stepi     gdb `stepi` N times in one batch session → steps per second
-  step+g    raw client, no gdb: vCont;s + g round trips → µs per step
+  step+g    raw client (ack mode: QEMU 7.2 lacks QStartNoAckMode): vCont;s + g → µs per step
   read      gdb `dump binary memory` of 16 MiB of identity-mapped RAM → MiB/s
   m-read    raw client, 1 MiB in 0x7f0-byte m packets → ms
 
@@ -136,7 +136,6 @@ def run_to_main_loop(c: RspClient, main_loop: int) -> None:
 
 def raw_step_g(port: int, main_loop: int, n: int) -> float:
     c = RspClient(port)
-    c.no_ack()
     c.request(b"qSupported:swbreak+;hwbreak+")
     run_to_main_loop(c, main_loop)
     t0 = time.perf_counter()
@@ -150,7 +149,6 @@ def raw_step_g(port: int, main_loop: int, n: int) -> float:
 
 def raw_read(port: int, main_loop: int, total: int) -> float:
     c = RspClient(port)
-    c.no_ack()
     run_to_main_loop(c, main_loop)
     t0 = time.perf_counter()
     addr = 0x100000

@@ -109,7 +109,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import asyncio
     import logging
 
     from xendbg.backend.emu import EmuDomain
@@ -129,15 +128,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     # Created paused: the first client sees the guest's very first instruction.
     with EmuDomain(args.emu, vcpus=args.vcpus, memory=args.memory, start_paused=True) as dom:
-        asyncio.run(
-            serve_domain(
-                dom,
-                host=args.host,
-                port=args.port,
-                monitor_factory=monitor_factory([args.emu]),
-                release_initial_pause=True,
-                ready=ready,
-            )
+        serve_domain(
+            dom,
+            host=args.host,
+            port=args.port,
+            monitor_factory=monitor_factory([args.emu]),
+            release_initial_pause=True,
+            ready=ready,
         )
     return 0
 

@@ -1,26 +1,32 @@
-"""asyncio TCP adapter: sockets ↔ xendbg.rsp.Connection ↔ GdbStub ↔ engine.Session.
+"""TCP adapter: sockets ↔ xendbg.rsp.Connection ↔ GdbStub ↔ engine.Session.
 
-One debugging client per domain at a time.  While the guest runs, the blocking
-``Session.wait`` sits in a worker thread and the event loop keeps reading the
-socket, so a 0x03 (Ctrl-C) reaches ``Session.interrupt`` at once.  Every way a
-client can leave (D, k, vKill, EOF, a broken socket, a protocol error, the
-server being stopped) ends in ``Session.detach``: breakpoints and watchpoints
-removed, memory restored, the domain running.
+One thread per connected client, with plain blocking sockets and ``select``:
+a round trip costs a fraction of what an asyncio stream does, and a debugging
+session is one client at a time anyway.  While the guest runs, the client's
+thread selects on the socket *and* on the engine's descriptors
+(``Session.wait_fds``), so a 0x03 (Ctrl-C) reaches ``Session.interrupt`` at once
+and a stop is reported as soon as it happens.
+
+Every way a client can leave (D, k, vKill, EOF, a broken socket, a protocol
+error, the server being stopped) ends in ``Session.detach``: breakpoints and
+watchpoints removed, memory restored, the domain running.  One debugging client
+per domain at a time: a second one gets an error reply and is disconnected.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import ipaddress
 import logging
-import signal
+import os
+import select
+import socket
 import sys
+import threading
 from collections.abc import Callable
 
 from xendbg.backend.base import Domain
 from xendbg.engine.session import Session
-from xendbg.engine.stops import Stop
 from xendbg.errors import RemoteProtocolError, XendbgError
 from xendbg.frontend.gdbserver.stub import Detach, GdbStub, MonitorFn, Resume
 from xendbg.rsp import Connection, ConnectionClosed, Interrupt, NeedData, Packet, replies
@@ -29,6 +35,9 @@ log = logging.getLogger("xendbg.gdbserver")
 
 READ_SIZE = 1 << 16
 DETACH_GRACE = 2.0  # seconds a new client waits for the previous one to finish detaching
+REFUSE_TIMEOUT = 10.0
+
+MonitorFactory = Callable[[Session], MonitorFn]
 
 
 def is_loopback(host: str) -> bool:
@@ -40,8 +49,17 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def warn_if_exposed(host: str) -> None:
+    if not is_loopback(host):
+        print(
+            f"xendbg: WARNING: listening on {host}: anyone who can reach this port can read "
+            "and rewrite guest memory",
+            file=sys.stderr,
+        )
+
+
 class DomainServer:
-    """Serves one domain on one port."""
+    """Serves one domain on one TCP port, from a background accept thread."""
 
     def __init__(
         self,
@@ -49,7 +67,7 @@ class DomainServer:
         *,
         host: str = "127.0.0.1",
         port: int = 1234,
-        monitor_factory: Callable[[Session], MonitorFn] | None = None,
+        monitor_factory: MonitorFactory | None = None,
         release_initial_pause: bool = False,
     ) -> None:
         self.domain = domain
@@ -59,71 +77,60 @@ class DomainServer:
         # The emulated domain is created paused so that the first client sees its
         # first instruction; that creation pause is dropped once a session holds its own.
         self._initial_pause = release_initial_pause
-        self._busy = False
-        self._idle = asyncio.Event()
-        self._idle.set()
-        self._server: asyncio.Server | None = None
-        self._clients: set[asyncio.Task[None]] = set()
+        self._slot = threading.Lock()  # held by the attached client
+        self._clients: set[ClientSession] = set()
+        self._lock = threading.Lock()
+        self._closing = False
+        self._listener: socket.socket | None = None
+        self._thread: threading.Thread | None = None
 
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._client, self.host, self.port)
-        sock = self._server.sockets[0]
+    def start(self) -> None:
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((self.host, self.port))
+        sock.listen(4)
         self.port = sock.getsockname()[1]
+        self._listener = sock
+        self._thread = threading.Thread(
+            target=self._accept_loop, name=f"xendbg-accept-{self.port}", daemon=True
+        )
+        self._thread.start()
 
-    async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        for task in list(self._clients):
-            task.cancel()
-        for task in list(self._clients):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        if self._server is not None:
-            await self._server.wait_closed()
+    def close(self) -> None:
+        """Stop listening, detach every client (waiting for it), join the threads."""
+        with self._lock:
+            self._closing = True
+            clients = list(self._clients)
+        if self._listener is not None:
+            with contextlib.suppress(OSError):
+                self._listener.shutdown(socket.SHUT_RDWR)
+            self._listener.close()
+        for c in clients:
+            c.stop()
+        for c in clients:
+            c.join()
+        if self._thread is not None:
+            self._thread.join(5)
 
-    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._clients.add(task)
-        try:
-            if self._busy:
-                # The previous client may be mid-detach (it just hung up): give it a moment.
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._idle.wait(), DETACH_GRACE)
-            if self._busy:
-                await self._refuse(reader, writer)
-                return
-            self._busy = True
-            self._idle.clear()
+    def _accept_loop(self) -> None:
+        assert self._listener is not None
+        while True:
             try:
-                await ClientSession(self, reader, writer).run()
-            finally:
-                self._busy = False
-                self._idle.set()
-        finally:
-            self._clients.discard(task)
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+                conn, peer = self._listener.accept()
+            except OSError:
+                return  # closed
+            with self._lock:
+                if self._closing:
+                    conn.close()
+                    return
+                client = ClientSession(self, conn, peer)
+                self._clients.add(client)
+            client.start()
 
-    async def _refuse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """A second debugger: answer its first packet with an error and hang up."""
-        msg = f"another debugger is attached to domain {self.domain.domid}"
-        log.warning("refused a second client: %s", msg)
-        conn = Connection()
-        try:
-            while True:
-                data = await asyncio.wait_for(reader.read(READ_SIZE), 10)
-                conn.receive_data(data)
-                ev = conn.next_event()
-                if isinstance(ev, NeedData):
-                    continue
-                if isinstance(ev, Packet):
-                    writer.write(conn.send_packet(b"E." + msg.encode()))
-                    await writer.drain()
-                break
-        except (TimeoutError, RemoteProtocolError, ConnectionError):
-            pass
+    def _forget(self, client: ClientSession) -> None:
+        with self._lock:
+            self._clients.discard(client)
 
     def attach(self) -> Session:
         session = Session(self.domain)
@@ -134,122 +141,194 @@ class DomainServer:
 
 
 class ClientSession:
-    def __init__(
-        self, server: DomainServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        self.server = server
-        self.reader = reader
-        self.writer = writer
-        self.conn = Connection()
-        self.waiter: asyncio.Future[Stop | None] | None = None
+    """One TCP client: its own thread, its own Connection, one Session while attached."""
 
-    async def run(self) -> None:
-        loop = asyncio.get_running_loop()
-        session = await loop.run_in_executor(None, self.server.attach)
+    def __init__(self, server: DomainServer, sock: socket.socket, peer: object) -> None:
+        self.server = server
+        self.sock = sock
+        self.peer = peer
+        self.conn = Connection()
+        self._wake_r, self._wake_w = os.pipe()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name=f"xendbg-client-{peer}")
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Ask the client thread to detach and finish (thread-safe)."""
+        self._stopping = True
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"x")
+
+    def join(self) -> None:
+        self._thread.join(30)
+
+    def _send(self, payload: bytes) -> None:
+        self.sock.sendall(self.conn.send_packet(payload))
+
+    def _run(self) -> None:
+        try:
+            if not self.server._slot.acquire(timeout=DETACH_GRACE):
+                self._refuse()
+                return
+            try:
+                self._serve()
+            finally:
+                self.server._slot.release()
+        except Exception:  # a bug: log it, never let it take the server down
+            log.exception("client %s: internal error", self.peer)
+        finally:
+            with contextlib.suppress(OSError):
+                self.sock.close()
+            for fd in (self._wake_r, self._wake_w):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            self.server._forget(self)
+
+    def _refuse(self) -> None:
+        """A second debugger: answer its first packet with an error and hang up."""
+        msg = f"another debugger is attached to domain {self.server.domain.domid}"
+        log.warning("refused %s: %s", self.peer, msg)
+        self.sock.settimeout(REFUSE_TIMEOUT)
+        try:
+            while True:
+                data = self.sock.recv(READ_SIZE)
+                self.conn.receive_data(data)
+                ev = self.conn.next_event()
+                if isinstance(ev, NeedData):
+                    continue
+                if isinstance(ev, Packet):
+                    self._send(b"E." + msg.encode())
+                return
+        except (OSError, RemoteProtocolError):
+            return
+
+    def _serve(self) -> None:
+        try:
+            session = self.server.attach()
+        except XendbgError as e:
+            log.error("attach failed: %s", e)
+            with contextlib.suppress(OSError):
+                self._refuse_with(str(e))
+            return
         monitor = None
         if self.server.monitor_factory is not None:
             monitor = self.server.monitor_factory(session)
         stub = GdbStub(session, monitor)
-        peer = self.writer.get_extra_info("peername")
-        log.info("client %s attached to domain %s", peer, self.server.domain.domid)
+        log.info("client %s attached to domain %s", self.peer, self.server.domain.domid)
         try:
-            await self._loop(session, stub)
-        except (RemoteProtocolError, ConnectionError) as e:
-            log.warning("client %s: %s", peer, e)
+            self._loop(session, stub)
+        except (RemoteProtocolError, OSError) as e:
+            log.warning("client %s: %s", self.peer, e)
         finally:
-            await self._detach(session)
-            log.info("client %s detached", peer)
+            self._detach(session)
+            log.info("client %s detached", self.peer)
 
-    async def _detach(self, session: Session) -> None:
-        loop = asyncio.get_running_loop()
-        if self.waiter is not None and not self.waiter.done():
-            session.interrupt()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(asyncio.shield(self.waiter), 5)
+    def _refuse_with(self, message: str) -> None:
+        self.sock.settimeout(REFUSE_TIMEOUT)
+        data = self.sock.recv(READ_SIZE)
+        self.conn.receive_data(data)
+        if isinstance(self.conn.next_event(), Packet):
+            self._send(b"E." + message.encode())
+
+    def _detach(self, session: Session) -> None:
         try:
-            await loop.run_in_executor(None, session.detach)
+            session.detach()
         except XendbgError as e:
             log.error("detach failed: %s", e)
 
-    def _send(self, payload: bytes) -> None:
-        self.writer.write(self.conn.send_packet(payload))
-
-    async def _loop(self, session: Session, stub: GdbStub) -> None:
+    def _loop(self, session: Session, stub: GdbStub) -> None:
+        running = False
         queued: list[Packet] = []
-        read_task: asyncio.Task[bytes] | None = None
         while True:
-            # Drain complete events from what has arrived.
-            while True:
+            while True:  # handle every complete event that has arrived
                 ev = self.conn.next_event()
                 if extra := self.conn.data_to_send():
-                    self.writer.write(extra)
+                    self.sock.sendall(extra)
                 if isinstance(ev, NeedData):
                     break
                 if isinstance(ev, ConnectionClosed):
                     return
                 if isinstance(ev, Interrupt):
-                    if self.waiter is not None:
+                    if running:
                         session.interrupt()
                     continue
                 if isinstance(ev, Packet):
-                    if self.waiter is not None:
+                    if running:
                         queued.append(ev)  # all-stop: answered once the guest stops
                         continue
-                    if await self._dispatch(session, stub, ev) is False:
+                    action = self._dispatch(session, stub, ev)
+                    if action is None:
                         return
-            await self.writer.drain()
+                    running = action
+            if running:
+                # The stop may already be there (a step, a stop pending from before).
+                running = not self._report_stop(session, stub)
+                if not running:
+                    for pkt in queued:
+                        action = self._dispatch(session, stub, pkt)
+                        if action is None:
+                            return
+                        running = action
+                        if running:
+                            break
+                    queued.clear()
+                    continue
+            fds: list[int] = [self.sock.fileno(), self._wake_r]
+            if running:
+                fds += session.wait_fds()
+            ready, _, _ = select.select(fds, [], [])
+            if self._wake_r in ready or self._stopping:
+                return
+            if self.sock.fileno() in ready:
+                self.conn.receive_data(self.sock.recv(READ_SIZE))
 
-            if read_task is None:
-                read_task = asyncio.ensure_future(self.reader.read(READ_SIZE))
-            wait_set: set[asyncio.Future[object]] = {read_task}  # type: ignore[arg-type]
-            if self.waiter is not None:
-                wait_set.add(self.waiter)  # type: ignore[arg-type]
-            done, _ = await asyncio.wait(wait_set, return_when=asyncio.FIRST_COMPLETED)
-            if self.waiter is not None and self.waiter in done:
-                stop = self.waiter.result()
-                self.waiter = None
-                if stop is not None:
-                    self._send(stub.stop_reply(stop))
-                for pkt in queued:
-                    if await self._dispatch(session, stub, pkt) is False:
-                        return
-                queued.clear()
-            if read_task in done:
-                data = read_task.result()
-                read_task = None
-                self.conn.receive_data(data)
+    def _report_stop(self, session: Session, stub: GdbStub) -> bool:
+        """Send the stop reply if the guest has stopped; True if it has."""
+        try:
+            stop = session.wait(0)
+        except XendbgError as e:
+            log.error("the guest did not stop cleanly: %s", e)
+            self._send(replies.error(0x05))
+            return True
+        if stop is None:
+            return False
+        self._send(stub.stop_reply(stop))
+        return True
 
-    async def _dispatch(self, session: Session, stub: GdbStub, ev: Packet) -> bool:
-        loop = asyncio.get_running_loop()
-        action = await loop.run_in_executor(None, stub.handle, ev.request)
+    def _dispatch(self, session: Session, stub: GdbStub, ev: Packet) -> bool | None:
+        """Answer one packet.  True: the guest now runs; None: the client is done."""
+        action = stub.handle(ev.request)
         if isinstance(action, bytes):
             self._send(action)
-            return True
+            return False
         if isinstance(action, Detach):
             if action.reply is not None:
                 self._send(action.reply)
-                await self.writer.drain()
-            return False
+            return None
         assert isinstance(action, Resume)
         try:
-            await loop.run_in_executor(None, session.resume, action.step)
+            session.resume(action.step)
         except XendbgError as e:
             self._send(replies.error(0x05, str(e) if stub.error_strings else None))
-            return True
-        self.waiter = loop.run_in_executor(None, session.wait, None)
+            return False
         return True
 
 
-async def serve_domain(
+def serve_domain(
     domain: Domain,
     *,
     host: str,
     port: int,
-    monitor_factory: Callable[[Session], MonitorFn] | None = None,
+    monitor_factory: MonitorFactory | None = None,
     release_initial_pause: bool = False,
     ready: Callable[[int], None] | None = None,
 ) -> None:
     """Serve until SIGINT/SIGTERM; then detach any client and return."""
+    import signal
+
     server = DomainServer(
         domain,
         host=host,
@@ -257,23 +336,17 @@ async def serve_domain(
         monitor_factory=monitor_factory,
         release_initial_pause=release_initial_pause,
     )
-    await server.start()
-    if ready is not None:
-        ready(server.port)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    done = threading.Event()
+    previous = {
+        sig: signal.signal(sig, lambda *_: done.set()) for sig in (signal.SIGINT, signal.SIGTERM)
+    }
     try:
-        await stop.wait()
+        server.start()
+        if ready is not None:
+            ready(server.port)
+        while not done.wait(0.5):
+            pass
     finally:
-        await server.close()
-
-
-def warn_if_exposed(host: str) -> None:
-    if not is_loopback(host):
-        print(
-            f"xendbg: WARNING: listening on {host}: anyone who can reach this port can read "
-            "and rewrite guest memory",
-            file=sys.stderr,
-        )
+        server.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
