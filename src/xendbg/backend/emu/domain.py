@@ -17,6 +17,12 @@ Data breakpoints are trap-like (rip after the access) and are found through
 page rights on the guest-physical page the linear address maps to, translated
 when armed and whenever the vCPU resumes; a guest switching CR3 to a mapping
 that moves the address while running is seen only at the next stop.
+
+Single steps run synchronously: when ``unpause``, ``resume``, ``unpause_vcpu``
+(or any call that lets vCPUs go) makes a vCPU in single-step mode runnable, its
+one instruction is executed in the calling thread before the call returns, so
+its event is already queued (one valid interleaving of Xen's asynchronous
+run).  ``on_console`` is then called from that thread too.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
 from xendbg.backend.base import (
@@ -60,6 +66,7 @@ _MONITORABLE = frozenset(
     }
 )
 _CR_MONITORABLE = frozenset({0, 3, 4})
+_PLAIN_RESPONSE = Response()
 
 _domids = itertools.count(1)
 
@@ -106,7 +113,9 @@ class EmuDomain(Domain):
             | Capability.WRITE_CTRLREG
             | Capability.INJECT_TRAP
         )
-        self.cv = threading.Condition()
+        self.lock = threading.RLock()
+        self.cv = threading.Condition(self.lock)
+        self._watchers = 0  # controller threads waiting on cv (notify only if any)
         self.monitored: set[EventKind] = set()
         self.cr_indices: frozenset[int] = frozenset()
         self.rights: dict[int, Access] = {}
@@ -134,9 +143,9 @@ class EmuDomain(Domain):
         return self._pause_count == 0 and self._internal_pauses == 0
 
     def post(self, vcpu: Vcpu, event: Event) -> None:
-        with self.cv:
+        with self.lock:
             vcpu.ctl.pending = event
-            self.cv.notify_all()
+            self._notify_watchers()
         self._events.put(event)
         os.eventfd_write(self._efd, 1)
 
@@ -154,19 +163,23 @@ class EmuDomain(Domain):
 
     def vcpu_state(self, vcpu: int) -> VcpuState:
         v = self._vcpu(vcpu)
-        with self.cv:
+        with self.lock:
             return v.state()
 
     def crash_reason(self, vcpu: int) -> str | None:
         v = self._vcpu(vcpu)
-        with self.cv:
+        with self.lock:
             return v.ctl.crash_reason
 
     def wait_state(self, vcpu: int, state: VcpuState, timeout: float) -> bool:
         """Wait until ``vcpu`` is in ``state``; False on timeout."""
         v = self._vcpu(vcpu)
-        with self.cv:
-            return self.cv.wait_for(lambda: v.state() is state, timeout)
+        with self.lock:
+            self._watchers += 1
+            try:
+                return self.cv.wait_for(lambda: v.state() is state, timeout)
+            finally:
+                self._watchers -= 1
 
     # -- helpers --------------------------------------------------------------
     def _vcpu(self, vcpu: int) -> Vcpu:
@@ -182,82 +195,131 @@ class EmuDomain(Domain):
 
     def _stop(self, v: Vcpu, op: str) -> None:
         """Wait until ``v`` (already made non-runnable) has left emu_start."""
+        with self.lock:
+            if not v.ctl.busy:
+                return
         deadline = time.monotonic() + _STOP_TIMEOUT
         while True:
-            with self.cv:
+            with self.lock:
                 if not v.ctl.busy:
                     return
                 v.ctl.stop_requested = True
                 interruptible = v.ctl.interruptible
             if interruptible:
                 v.uc.emu_stop()
-            with self.cv:
+            with self.lock:
                 if v.ctl.busy:
-                    self.cv.wait(_STOP_RETRY)
+                    self._watchers += 1
+                    try:
+                        self.cv.wait(_STOP_RETRY)
+                    finally:
+                        self._watchers -= 1
             if time.monotonic() > deadline:
                 raise BackendError(op, errno.ETIMEDOUT, f"vCPU {v.index} did not stop")
 
     def _stop_all(self, op: str) -> None:
+        with self.lock:
+            if not any(v.ctl.busy for v in self._vcpus):
+                return
         for v in self._vcpus:
             self._stop(v, op)
+
+    def _release(self, vcpus: Iterable[Vcpu]) -> None:
+        """Start those of ``vcpus`` that are runnable now (call after making them so).
+
+        A single-stepping vCPU runs its one instruction right here, in the caller's
+        thread, while its own thread stays parked (``busy`` keeps it out): the step's
+        event is queued before this returns, so a debugger's step costs no thread
+        hand-off.  The others are woken to run in their threads.
+        """
+        steps = []
+        with self.lock:
+            for v in vcpus:
+                if v.ctl.busy or not v.runnable():
+                    continue  # a busy thread re-checks runnable() when its slice ends
+                if v.ctl.singlestep:
+                    v.ctl.busy = True
+                    v.ctl.stop_requested = False
+                    steps.append(v)
+                else:
+                    v.wake.notify()
+            self._notify_watchers()
+        for v in steps:
+            try:
+                v.run_slice()
+            finally:
+                with self.lock:
+                    v.ctl.busy = False
+                    if v.runnable():  # the slice raised no event: its thread goes on
+                        v.wake.notify()
+                    self._notify_watchers()
+
+    def _notify_watchers(self) -> None:
+        """Wake wait_state()/_stop() waiters, if any (call with the lock held)."""
+        if self._watchers:
+            self.cv.notify_all()
 
     @contextlib.contextmanager
     def _held(self, op: str) -> Iterator[None]:
         """Every vCPU stopped for the duration; the controller owns their instances."""
-        with self.cv:
+        with self.lock:
             self._internal_pauses += 1
         try:
             self._stop_all(op)
             yield
         finally:
-            with self.cv:
+            with self.lock:
                 self._internal_pauses -= 1
-                self.cv.notify_all()
+            self._release(self._vcpus)
 
     def _stopped_vcpu(self, vcpu: int, op: str) -> Vcpu:
         """``vcpu`` if it is stopped (EBUSY otherwise), once its thread let go of it."""
         v = self._vcpu(vcpu)
-        with self.cv:
+        with self.lock:
             if not v.stopped():
                 raise BackendError(op, errno.EBUSY, f"vCPU {vcpu} is running; pause it first")
+            if not v.ctl.busy:
+                return v
         self._stop(v, op)
         return v
 
     # -- run control --------------------------------------------------------
     def pause(self) -> None:
         self._live("pause")
-        with self.cv:
+        with self.lock:
             self._pause_count += 1
-        self._stop_all("pause")
+        self._stop_all("pause")  # returns at once when no vCPU holds its instance
 
     def unpause(self) -> None:
         self._live("unpause")
-        with self.cv:
+        with self.lock:
             if self._pause_count == 0:
                 raise BackendError("unpause", errno.EINVAL, "domain is not paused by us")
             self._pause_count -= 1
-            self.cv.notify_all()
+            if not self.domain_runnable():
+                return
+        self._release(self._vcpus)
 
     @property
     def paused(self) -> bool:
-        with self.cv:
+        with self.lock:
             return self._pause_count > 0
 
     def pause_vcpu(self, vcpu: int) -> None:
         self._live("pause_vcpu")
         v = self._vcpu(vcpu)
-        with self.cv:
+        with self.lock:
             v.ctl.pause_count += 1
         self._stop(v, "pause_vcpu")
 
     def unpause_vcpu(self, vcpu: int) -> None:
         self._live("unpause_vcpu")
         v = self._vcpu(vcpu)
-        with self.cv:
+        with self.lock:
             if v.ctl.pause_count == 0:
                 raise BackendError("unpause_vcpu", errno.EINVAL, f"vCPU {vcpu} is not paused")
             v.ctl.pause_count -= 1
-            self.cv.notify_all()
+        self._release([v])
 
     # -- memory ---------------------------------------------------------------
     def read_phys(self, gpa: int, size: int) -> bytes:
@@ -298,7 +360,7 @@ class EmuDomain(Domain):
         if kind not in _MONITORABLE:
             raise Unsupported(f"monitor {kind.value}", "the emulated backend does not offer it")
         if kind is not EventKind.WRITE_CTRLREG:
-            with self.cv:
+            with self.lock:
                 if enable:
                     self.monitored.add(kind)
                 else:
@@ -323,11 +385,22 @@ class EmuDomain(Domain):
                 v.set_cr_monitoring(bool(indices))
 
     def set_singlestep(self, vcpu: int, enable: bool) -> None:
-        self.require(Capability.SINGLESTEP, "set_singlestep")
+        if Capability.SINGLESTEP not in self.capabilities:  # cheaper than require() per step
+            self.require(Capability.SINGLESTEP, "set_singlestep")
         self._live("set_singlestep")
         v = self._vcpu(vcpu)
-        with self._held("set_singlestep"):
+        with self.lock:
+            if not v.ctl.busy and not v.runnable():
+                v.ctl.singlestep = enable  # parked: its next slice reads the flag
+                return
+            v.ctl.pause_count += 1  # running: end its slice so the next one sees the flag
+        try:
+            self._stop(v, "set_singlestep")
             v.ctl.singlestep = enable
+        finally:
+            with self.lock:
+                v.ctl.pause_count -= 1
+            self._release([v])
 
     def set_mem_access(self, gfn: int, access: Access) -> None:
         self._live("set_mem_access")
@@ -351,20 +424,20 @@ class EmuDomain(Domain):
         if not 0 <= vector <= 255:
             raise BackendError("inject_trap", errno.EINVAL, f"vector {vector} outside 0..255")
         v = self._stopped_vcpu(vcpu, "inject_trap")
-        with self.cv:
+        with self.lock:
             v.ctl.injections.append((vector, error_code))
             v.ctl.halted = False  # an interrupt or exception ends HLT
-            self.cv.notify_all()
+        self._release([v])
 
     def event_fd(self) -> int:
         return self._efd
 
     def poll_event(self, timeout: float | None = 0.0) -> Event | None:
+        nowait = timeout is not None and timeout <= 0
+        if nowait and self._events.empty():
+            return None  # the common "anything else?" poll, without raising queue.Empty
         try:
-            if timeout is not None and timeout <= 0:
-                event = self._events.get_nowait()
-            else:
-                event = self._events.get(timeout=timeout)
+            event = self._events.get_nowait() if nowait else self._events.get(timeout=timeout)
         except queue.Empty:
             return None
         with contextlib.suppress(BlockingIOError):
@@ -373,10 +446,11 @@ class EmuDomain(Domain):
 
     def resume(self, event: Event, response: Response | None = None) -> None:
         self._live("resume")
-        response = response or Response()
+        response = response or _PLAIN_RESPONSE
         v = self._vcpu(event.vcpu)
-        with self.cv:
-            if v.ctl.pending is None or v.ctl.pending != event:
+        with self.lock:
+            pending = v.ctl.pending
+            if pending is None or (pending is not event and pending != event):
                 raise BackendError("resume", errno.EINVAL, "event is not pending on its vCPU")
         if response.singlestep is not None:
             self.require(Capability.SINGLESTEP, "resume with singlestep")
@@ -384,13 +458,13 @@ class EmuDomain(Domain):
         if response.registers:
             self._write_registers(v, response.registers)
         action = self._action_for(v, event, response)
-        with self.cv:
+        with self.lock:
             if response.singlestep is not None:
                 v.ctl.singlestep = response.singlestep
             if action is not None:
                 v.ctl.actions.append(action)
             v.ctl.pending = None
-            self.cv.notify_all()
+        self._release([v])
 
     @staticmethod
     def _action_for(v: Vcpu, event: Event, response: Response) -> Callable[[], bool] | None:
@@ -439,10 +513,10 @@ class EmuDomain(Domain):
         if self._destroyed:
             return
         self.detach()
-        with self.cv:
+        with self.lock:
             for v in self._vcpus:
                 v.ctl.exit = True
-            self.cv.notify_all()
+                v.wake.notify()
         self._stop_all("close")
         for v in self._vcpus:
             v.thread.join(_STOP_TIMEOUT)

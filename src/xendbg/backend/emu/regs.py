@@ -2,9 +2,10 @@
 # (Unicorn's Python binding leaves many methods unannotated.)
 """Canonical register names ↔ Unicorn registers, read in one batch.
 
-``get_registers`` is on the hot path of every debugger stop, so the whole
-register file is read with a single raw ``uc_reg_read_batch`` into ctypes
-buffers prepared once per vCPU (≈20 µs instead of ≈300 µs one by one).
+``get_registers`` is on the hot path of every debugger stop (every single step),
+so the whole register file is read with one raw ``uc_reg_read_batch`` into a
+buffer prepared once per vCPU and decoded with a few C-level operations (≈10 µs
+instead of ≈300 µs one by one); ``read`` of one register skips the binding's wrappers.
 
 32-bit guests use the same names: ``rax`` is EAX zero-extended, ``rip`` is EIP;
 ``r8``-``r15`` and ``xmm8``-``xmm15`` do not exist there and read as 0 (writing
@@ -20,7 +21,7 @@ import struct
 from collections.abc import Mapping
 
 from unicorn import x86_const as x86
-from unicorn.unicorn_py3.arch.intel import UcIntel, UcRegMMR, UcRegMSR
+from unicorn.unicorn_py3.arch.intel import UcIntel
 from unicorn.unicorn_py3.unicorn import UcError, uclib
 
 from xendbg.arch.x86 import regnames
@@ -74,9 +75,12 @@ _MMR_SELECTOR = {"ldtr": x86.UC_X86_REG_LDTR, "tr": x86.UC_X86_REG_TR}
 # the CPU needs them when CR0.PG changes), FSW before the ST(i) it rotates.
 _WRITE_FIRST = ("efer", "cr4", "cr3", "cr0", "fstat")
 _FP_TOP_SHIFT = 11
-_FP_FMT = struct.Struct("<" + "QH6x" * 8)
-_XMM_FMT = struct.Struct("<32Q")
+# Sizes of the C structures uc_reg_read_batch fills (unicorn/x86.h).
+_MSR_SIZE = 16  # uc_x86_msr: u32 rid, u64 value
+_MMR_SIZE = 24  # uc_x86_mmr: u16 selector, u64 base, u32 limit, u32 flags
 _ST_NAMES = tuple(f"st{i}" for i in range(8))
+_XMM_NAMES = tuple(f"xmm{i}" for i in range(16))
+_FPU_CONTROL = ("fctrl", "fstat", "ftag", "fiseg", "fioff", "foseg", "fooff", "fop", "mxcsr")
 
 
 def _bits(name: str, word_size: int) -> int:
@@ -110,72 +114,158 @@ class RegisterFile:
         if not wide:
             del simple["cr8"]  # the TPR alias exists only in 64-bit mode
         self._simple = simple
-        self._xmm_count = 16 if wide else 8
         self.absent: tuple[str, ...] = (
             () if wide else (*regnames.GPRS64[8:], "cr8", *(f"xmm{i}" for i in range(8, 16)))
         )
         self.names: tuple[str, ...] = regnames.ALL
 
-        # The read plan: one batch filling flat buffers, decoded with few Python ops.
-        self._simple_names = tuple(simple)
-        self._u64 = (ctypes.c_uint64 * len(simple))()
-        self._msrs = [UcRegMSR(msr, 0) for msr in _MSRS.values()]
-        self._tables = [UcRegMMR() for _ in range(len(_MMR) + len(_MMR_SELECTOR))]
-        self._fp = (ctypes.c_ubyte * (16 * 8))()  # 8 x uc_x86_float80, padded to 16
-        self._u64_fmt = struct.Struct(f"<{len(simple)}Q")
-        self._xmm = (ctypes.c_ubyte * (16 * self._xmm_count))()
-        ids = [*simple.values(), *([x86.UC_X86_REG_MSR] * len(_MSRS))]
-        ids += [*_MMR.values(), *_MMR_SELECTOR.values()]
-        ids += [x86.UC_X86_REG_FP0 + i for i in range(8)]
-        ids += [x86.UC_X86_REG_XMM0 + i for i in range(self._xmm_count)]
-        u64_base = ctypes.addressof(self._u64)
-        xmm_base = ctypes.addressof(self._xmm)
-        ptrs = [u64_base + 8 * i for i in range(len(simple))]
-        ptrs += [ctypes.addressof(m) for m in self._msrs]
-        ptrs += [ctypes.addressof(t) for t in self._tables]
-        ptrs += [ctypes.addressof(self._fp) + 16 * i for i in range(8)]
-        ptrs += [xmm_base + 16 * i for i in range(self._xmm_count)]
-        count = len(ids)
+        self._plan_batch()
+        # Single reads (rip, rflags, CRs... on every stop) skip the binding's generic
+        # reg_read: one C call into a slot of their own, whose unused upper bytes
+        # stay zero since nothing else writes it.
+        self._slots = {name: (rid, ctypes.c_uint64()) for name, rid in simple.items()}
+        self._msr_slots = {name: (ctypes.c_uint64 * 2)(msr, 0) for name, msr in _MSRS.items()}
+
+    # -- the batch read --------------------------------------------------------
+    # One uc_reg_read_batch fills one flat buffer laid out as the C structures
+    # Unicorn writes (u64 slots, uc_x86_msr, uc_x86_mmr, uc_x86_float80, XMM),
+    # in canonical order, in three regions: general registers (change at every
+    # stop), system registers and x87/SSE state (rarely change).  The last two
+    # are decoded into a template dict only when their bytes changed; a result is
+    # a copy of the template with the general registers written in.
+    # Registers a 32-bit guest lacks get a slot the batch never writes: always 0.
+
+    def _plan_batch(self) -> None:
+        names = self.names
+        sys_at, fpu_at = names.index("cs"), names.index("st0")
+        gpr_names, sys_names = names[:sys_at], names[sys_at:fpu_at]
+        self._fpu_names = names[fpu_at:]
+        if set(self._fpu_names) != {*_ST_NAMES, *_FPU_CONTROL, *_XMM_NAMES}:
+            raise AssertionError("regnames.ALL must end with the x87/SSE registers")
+        self._batch_ids: list[int] = []
+        self._batch_offsets: list[int] = []
+        self._msr_presets: list[tuple[int, int]] = []  # (offset, MSR index)
+        self._size = 0
+        self._gpr_fmt = self._plan_region(gpr_names)
+        self._gpr_names = gpr_names
+        self._sys_at = self._size
+        self._sys_fmt = self._plan_region(sys_names)
+        self._sys_names = sys_names
+        self._fpu_at = self._size
+        self._fpu_fmt = struct.Struct(self._plan_region(_FPU_CONTROL).format + self._plan_fpu())
+
+        self._buf = (ctypes.c_ubyte * self._size)()
+        base = ctypes.addressof(self._buf)
+        for offset, msr in self._msr_presets:
+            struct.pack_into("<I", self._buf, offset, msr)  # uc_x86_msr.rid: which MSR
+        count = len(self._batch_ids)
         self._count = ctypes.c_int(count)
-        self._ids = (ctypes.c_int * count)(*ids)
-        self._ptrs = (ctypes.c_void_p * count)(*ptrs)
-        self._xmm_names = tuple(f"xmm{i}" for i in range(self._xmm_count))
-        self._msr_names = tuple(_MSRS)
+        self._ids = (ctypes.c_int * count)(*self._batch_ids)
+        self._ptrs = (ctypes.c_void_p * count)(*(base + o for o in self._batch_offsets))
+        self._sys_key = self._fpu_key = self._rest_key = b""
+        self._sys: dict[str, int] = {}
+        self._fpu: dict[str, int] = {}
+        self._template: dict[str, int] = {}
+
+    def _slot(self, size: int, rid: int | None) -> int:
+        offset = self._size
+        self._size += size
+        if rid is not None:
+            self._batch_ids.append(rid)
+            self._batch_offsets.append(offset)
+        return offset
+
+    def _plan_region(self, names: tuple[str, ...]) -> struct.Struct:
+        """Slots for ``names``; a struct whose unpack yields their values in order
+        (``*_base`` and ``*_limit`` come from one uc_x86_mmr)."""
+        fmt = "<"
+        for name in names:
+            if name in self.absent:
+                self._slot(8, None)
+                fmt += "Q"
+            elif name in self._simple:
+                self._slot(8, self._simple[name])
+                fmt += "Q"
+            elif name in _MSRS:
+                offset = self._slot(_MSR_SIZE, x86.UC_X86_REG_MSR)
+                self._msr_presets.append((offset, _MSRS[name]))
+                fmt += "8xQ"
+            elif name.removesuffix("_base") in _MMR:
+                self._slot(_MMR_SIZE, _MMR[name.removesuffix("_base")])
+                fmt += "8xQI4x"  # base, limit
+            elif name in _MMR_SELECTOR:
+                self._slot(_MMR_SIZE, _MMR_SELECTOR[name])
+                fmt += "H22x"
+            elif name.removesuffix("_limit") not in _MMR:
+                raise AssertionError(f"no batch slot for register {name}")
+        return struct.Struct(fmt)
+
+    def _plan_fpu(self) -> str:
+        """Physical FP0-7 and XMM0-15 after the x87/SSE control slots."""
+        for i in range(8):
+            self._slot(16, x86.UC_X86_REG_FP0 + i)
+        for i, name in enumerate(_XMM_NAMES):
+            self._slot(16, None if name in self.absent else x86.UC_X86_REG_XMM0 + i)
+        return "QH6x" * 8 + "QQ" * 16
 
     def read_all(self) -> dict[str, int]:
         """Every canonical register, one batch call."""
         status = uclib.uc_reg_read_batch(self._uc._uch, self._ids, self._ptrs, self._count)
         if status:
             raise BackendError("uc_reg_read_batch", detail=str(UcError(status)))
-        # bytes() + struct is far cheaper than iterating ctypes objects.
-        out = dict(zip(self._simple_names, self._u64_fmt.unpack(bytes(self._u64)), strict=True))
-        for name, msr in zip(self._msr_names, self._msrs, strict=True):
-            out[name] = msr.val
-        gdtr, idtr, ldtr, tr = self._tables
-        out["gdtr_base"], out["gdtr_limit"] = gdtr.base, gdtr.limit
-        out["idtr_base"], out["idtr_limit"] = idtr.base, idtr.limit
-        out["ldtr"], out["tr"] = ldtr.selector, tr.selector
-        fp = _FP_FMT.unpack(bytes(self._fp))
-        top = (out["fstat"] >> _FP_TOP_SHIFT) & 7
+        raw = bytes(self._buf)
+        gprs = zip(self._gpr_names, self._gpr_fmt.unpack_from(raw))  # noqa: B905
+        if raw[self._sys_at :] != self._rest_key:
+            self._rebuild_template(raw)
+        # A copy of the template keeps its (canonical) order; only the GPRs change.
+        out = self._template.copy()
+        out.update(gprs)
+        return out
+
+    def _rebuild_template(self, raw: bytes) -> None:
+        key = raw[self._sys_at : self._fpu_at]
+        if key != self._sys_key:
+            self._sys = dict(zip(self._sys_names, self._sys_fmt.unpack(key)))  # noqa: B905
+            self._sys_key = key
+        key = raw[self._fpu_at :]
+        if key != self._fpu_key:
+            self._fpu = self._decode_fpu(key)
+            self._fpu_key = key
+        self._template = dict.fromkeys(self._gpr_names, 0) | self._sys | self._fpu
+        self._rest_key = raw[self._sys_at :]
+
+    def _decode_fpu(self, raw: bytes) -> dict[str, int]:
+        """x87/SSE registers: ST(i) rotated from the physical FPi by FSW.TOP."""
+        v = self._fpu_fmt.unpack(raw)
+        n = len(_FPU_CONTROL)
+        control = dict(zip(_FPU_CONTROL, v[:n], strict=True))
+        fp = v[n:]
+        top = (control["fstat"] >> _FP_TOP_SHIFT) & 7
+        values = dict(control)
         for i, name in enumerate(_ST_NAMES):
             phys = (top + i) & 7
-            out[name] = fp[2 * phys] | (fp[2 * phys + 1] << 64)
-        xmm = _XMM_FMT.unpack(bytes(self._xmm).ljust(256, b"\0"))
-        for i, name in enumerate(self._xmm_names):
-            out[name] = xmm[2 * i] | (xmm[2 * i + 1] << 64)
-        for name in self.absent:
-            out[name] = 0
-        return {name: out[name] for name in self.names}
+            values[name] = fp[2 * phys] | fp[2 * phys + 1] << 64
+        for i, name in enumerate(_XMM_NAMES):
+            values[name] = fp[16 + 2 * i] | fp[17 + 2 * i] << 64
+        return {name: values[name] for name in self._fpu_names}
 
     def read(self, name: str) -> int:
-        """One register (cheap path for rip/rflags/control registers)."""
-        if name in self._simple:
-            value: int = self._uc.reg_read(self._simple[name])
-            return value
-        if name in _MSRS:
-            msr: int = self._uc.msr_read(_MSRS[name])
-            return msr
+        """One register (cheap path for rip/rflags/control registers and MSRs)."""
+        slot = self._slots.get(name)
+        if slot is not None:
+            rid, value = slot
+            self._check(uclib.uc_reg_read(self._uc._uch, rid, ctypes.byref(value)), name)
+            return value.value
+        msr = self._msr_slots.get(name)  # uc_x86_msr: rid, value
+        if msr is not None:
+            self._check(uclib.uc_reg_read(self._uc._uch, x86.UC_X86_REG_MSR, msr), name)
+            return msr[1]
         return self.read_all()[name]
+
+    @staticmethod
+    def _check(status: int, name: str) -> None:
+        if status:
+            raise BackendError("uc_reg_read", detail=f"{name}: {UcError(status)}")
 
     def mmr(self, name: str) -> tuple[int, int, int, int]:
         """(selector, base, limit, flags) of "gdtr", "idtr", "ldtr" or "tr"."""

@@ -4,11 +4,14 @@
 
 Theory of operation
 -------------------
-The thread loops: wait (on the domain's condition variable) until the vCPU is
-runnable — no domain/internal/vCPU pause, no unanswered event, not halted or
-crashed — then mark itself *busy* (it owns the Unicorn instance) and run one
-*slice*: apply what the last ``resume`` asked for, then ``emu_start`` until
-something stops it.  Hooks never block: they record why they stopped (a
+The thread loops: wait (on its own condition ``wake``, over the domain's lock)
+until the vCPU is runnable — no domain/internal/vCPU pause, no unanswered
+event, not halted or crashed — then mark itself *busy* (it owns the Unicorn
+instance) and run one *slice*: apply what the last ``resume`` asked for, then
+``emu_start`` until something stops it.  A single-stepping vCPU's slice is
+instead run by the controller in its own thread (``EmuDomain._release``): it
+marks the vCPU busy, which keeps the parked thread out, so a debugger's step
+needs no thread hand-off.  Hooks never block: they record why they stopped (a
 ``_Stop``) and call ``emu_stop``; the slice then turns that into an event, an
 interrupt delivery, a crash or a halt.  Whoever wants the Unicorn instance
 (registers, hooks, page rights) first makes the vCPU non-runnable, then calls
@@ -79,6 +82,7 @@ from xendbg.backend.emu.linear import LinearMemory
 from xendbg.backend.emu.loader import SEL_CODE, SEL_DATA, BootState
 from xendbg.backend.emu.ram import PAGE_SIZE, GuestRam
 from xendbg.backend.emu.regs import RegisterFile
+from xendbg.backend.emu.ucext import HAVE_VMEM_READ, InstructionFetch
 from xendbg.errors import GuestMemoryFault
 
 DEBUG_CONSOLE_PORT = 0xE9  # Xen's HVM debug port / Bochs "port e9 hack"
@@ -106,7 +110,8 @@ class VcpuState(enum.StrEnum):
 class VcpuHost(Protocol):
     """What a vCPU needs from its domain."""
 
-    cv: threading.Condition
+    lock: threading.RLock  # guards every vCPU's ``ctl``; ``cv`` and each ``wake`` use it
+    cv: threading.Condition  # notified when a vCPU lets go of its instance or posts
     ram: GuestRam
     monitored: set[EventKind]
     cr_indices: frozenset[int]
@@ -160,12 +165,12 @@ class _CrInsn:
     length: int
 
 
-Action = Callable[[], bool]  # runs in the vCPU thread; True: the vCPU stopped
+Action = Callable[[], bool]  # runs in the slice's thread; True: the vCPU stopped
 
 
 @dataclass(slots=True)
 class _Control:
-    """State shared with the controlling thread, guarded by ``host.cv``."""
+    """State shared with the controlling thread, guarded by ``host.lock``."""
 
     busy: bool = False
     interruptible: bool = False
@@ -187,6 +192,9 @@ class Vcpu:
         self.index = index
         self.word_size = boot.word_size
         self.ctl = _Control()
+        # The thread waits here to become runnable; notified only by whoever made it
+        # so, so that controller-side notifications never wake (and preempt) it.
+        self.wake = threading.Condition(host.lock)
         uc = cast(UcIntel, Uc(UC_ARCH_X86, UC_MODE_64 if boot.word_size == 8 else UC_MODE_32))
         self.uc = uc
         uc.mem_map_ptr(0, host.ram.size, UC_PROT_ALL, host.ram.host_address)
@@ -194,6 +202,7 @@ class Vcpu:
         uc.ctl_set_exits([])
         self.regs = RegisterFile(uc, boot.word_size)
         self.mem = LinearMemory(host.ram, self._paging_context)
+        self._fetch = InstructionFetch(uc) if HAVE_VMEM_READ else None
         self._boot(boot)
         uc.hook_add(UC_HOOK_INTR, self._on_intr)
         uc.hook_add(UC_HOOK_INSN, self._on_out, None, 1, 0, x86.UC_X86_INS_OUT)
@@ -212,6 +221,7 @@ class Vcpu:
         self._cr_hooks: dict[int, int] = {}  # linear address -> hook handle
         self._cr_cache: dict[tuple[int, int], tuple[int, ...]] = {}
         self._step_undo: list[tuple[int, bytes]] = []
+        self._stepped_to: int | None = None
         self.thread = threading.Thread(target=self._main, name=f"emu-vcpu{index}", daemon=True)
 
     # -- boot -------------------------------------------------------------
@@ -232,7 +242,7 @@ class Vcpu:
         r = self.regs
         return PagingContext(r.read("cr0"), r.read("cr3"), r.read("cr4"), r.read("efer"))
 
-    # -- state (call with host.cv held) -------------------------------------
+    # -- state (call with host.lock held) -----------------------------------
     def runnable(self) -> bool:
         c = self.ctl
         return (
@@ -263,22 +273,28 @@ class Vcpu:
     def _main(self) -> None:
         cv = self.host.cv
         while True:
-            with cv:
+            with self.host.lock:
                 self.ctl.busy = False
-                cv.notify_all()
-                while not self.runnable():
+                cv.notify_all()  # controllers waiting for the instance or a state
+                # busy while parked: the controller borrowed the instance (run_slice).
+                while self.ctl.busy or not self.runnable():
                     if self.ctl.exit:
                         return
-                    cv.wait()
+                    self.wake.wait()
                 self.ctl.busy = True
                 self.ctl.stop_requested = False
-            try:
-                self._slice()
-            except Exception as e:  # a bug here must not kill the thread silently
-                self._crash(f"internal error in the emulator backend: {e!r}")
+            self.run_slice()
+
+    def run_slice(self) -> None:
+        """Run one slice in the calling thread, which has set ``ctl.busy``: this vCPU's
+        thread, or the controller running a single step itself (``EmuDomain._release``)."""
+        try:
+            self._slice()
+        except Exception as e:  # a bug here must not kill the thread silently
+            self._crash(f"internal error in the emulator backend: {e!r}")
 
     def _crash(self, reason: str) -> None:
-        with self.host.cv:
+        with self.host.lock:
             self.ctl.crash_reason = reason
 
     def _post(self, event: Event) -> None:
@@ -286,9 +302,11 @@ class Vcpu:
 
     def _slice(self) -> None:
         self._prepare()
-        rip = self.regs.read("rip")
-        rflags = self.regs.read("rflags")
-        self._rf_skip = rip if rflags & RFLAGS_RF and rip in self._exec_bps else None
+        self._rf_skip = None
+        if self._exec_bps:
+            rip = self.regs.read("rip")
+            if rip in self._exec_bps and self.regs.read("rflags") & RFLAGS_RF:
+                self._rf_skip = rip
         while self.ctl.actions:
             if self.ctl.actions.popleft()():
                 return
@@ -299,20 +317,20 @@ class Vcpu:
         if self.ctl.singlestep:
             self._single_step()
             return
-        with self.host.cv:
+        with self.host.lock:
             self.ctl.interruptible = True
         try:
             stop, err = self._emu(self.regs.read("rip"), 0)
         finally:
-            with self.host.cv:
+            with self.host.lock:
                 self.ctl.interruptible = False
         if self._finish(stop, err):
             return
         if stop is None and err is None:
-            with self.host.cv:
+            with self.host.lock:
                 requested = self.ctl.stop_requested
             if not requested or self._after_hlt():
-                with self.host.cv:
+                with self.host.lock:
                     self.ctl.halted = True
 
     def _prepare(self) -> None:
@@ -356,14 +374,22 @@ class Vcpu:
         except GuestMemoryFault:
             return False
 
-    def _step(self) -> tuple[_Stop | None, UcError | None]:
-        """Run exactly one instruction; a concurrent pause request does not eat it."""
-        for _ in range(_STEP_RETRIES):
+    def _step(self, rip: int | None = None) -> tuple[_Stop | None, UcError | None]:
+        """Run exactly one instruction (from ``rip``, if the caller read it already);
+        a concurrent pause request does not eat it.  ``self._stepped_to`` is the RIP
+        after it when it ended without a stop or error, else None."""
+        if rip is None:
             rip = self.regs.read("rip")
+        self._stepped_to = None
+        for _ in range(_STEP_RETRIES):
             stop, err = self._emu(rip, 1)
-            if stop is not None or err is not None or self.regs.read("rip") != rip:
+            if stop is not None or err is not None:
                 return stop, err
-            with self.host.cv:
+            after = self.regs.read("rip")
+            if after != rip:
+                self._stepped_to = after
+                return None, None
+            with self.host.lock:
                 interrupted = self.ctl.stop_requested
             if not interrupted:
                 break
@@ -371,17 +397,29 @@ class Vcpu:
 
     def _single_step(self) -> None:
         rip = self.regs.read("rip")
-        try:
-            was_hlt = self.mem.read(rip, 1)[0] == _OPCODE_HLT
-        except GuestMemoryFault:
-            was_hlt = False
-        stop, err = self._step()
+        was_hlt = self._opcode_at(rip) == _OPCODE_HLT
+        stop, err = self._step(rip)
+        after = self._stepped_to
         if self._finish(stop, err):
             return
         if was_hlt:
-            with self.host.cv:
+            with self.host.lock:
                 self.ctl.halted = True
-        self._post(Event(EventKind.SINGLESTEP, self.index, self.regs.read("rip")))
+        if after is None:  # an exception was delivered, or RIP did not move
+            after = self.regs.read("rip")
+        self._post(Event(EventKind.SINGLESTEP, self.index, after))
+
+    def _opcode_at(self, rip: int) -> int | None:
+        """The first byte of the instruction at ``rip`` (None if unreadable), as
+        cheaply as possible: it is read before every single step."""
+        if self._fetch is not None:
+            byte = self._fetch.byte(rip)
+            if byte is not None:
+                return byte
+        try:
+            return self.mem.read(rip, 1)[0]
+        except GuestMemoryFault:
+            return None
 
     def _finish(self, stop: _Stop | None, err: UcError | None) -> bool:
         """Act on what stopped emulation.  True if the vCPU must stay stopped."""
@@ -417,7 +455,7 @@ class Vcpu:
         except TripleFault as e:
             self._crash(f"triple fault: {e}")
             return False
-        with self.host.cv:
+        with self.host.lock:
             self.ctl.halted = False
         return True
 
