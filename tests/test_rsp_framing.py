@@ -358,3 +358,8 @@ def test_rle_encode_properties(runs: list[tuple[int, int]]) -> None:
         assert 3 <= count <= 97
         assert m[1] not in (b"#", b"$", b"*", b"}")
     assert len(wire) <= len(data) + sum(data.count(c) for c in b"#$}*")
+
+
+@given(st.binary(max_size=5000))
+def test_checksum_is_the_byte_sum_mod_256(data: bytes) -> None:
+    assert checksum(data) == sum(data) % 256

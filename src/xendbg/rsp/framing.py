@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import re
+import zlib
 from dataclasses import dataclass
 
 from xendbg.errors import RemoteProtocolError
@@ -50,10 +51,25 @@ _INSIDE = re.compile(rb"[#$]")
 
 def checksum(data: bytes) -> int:
     """The modulo-256 sum of the bytes between ``$`` and ``#``."""
-    return sum(data) & 0xFF
+    if len(data) <= _ADLER_CHUNK:
+        return sum(data) & 0xFF
+    # Adler-32's first half is 1 + the byte sum mod 65521; over at most 256 bytes
+    # (255 * 256 + 1 < 65521) it never wraps, so C sums each chunk for us.
+    total = 0
+    view = memoryview(data)
+    for i in range(0, len(data), _ADLER_CHUNK):
+        total += (zlib.adler32(view[i : i + _ADLER_CHUNK]) & 0xFFFF) - 1
+    return total & 0xFF
+
+
+_ADLER_CHUNK = 256
 
 
 def _escape(data: bytes) -> bytes:
+    # Most payloads (hex memory and registers) have nothing to escape: four memchr
+    # scans beat one regex pass by an order of magnitude.
+    if b"#" not in data and b"$" not in data and b"}" not in data and b"*" not in data:
+        return data
     return _NEEDS_ESCAPE.sub(lambda m: bytes((_ESCAPE, m[0][0] ^ _XOR)), data)
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from xendbg.errors import GuestMemoryFault, XendbgError
 
@@ -134,6 +134,8 @@ class PagingContext:
     cr3: int
     cr4: int
     efer: int = 0
+    _mode: PagingMode = field(init=False, repr=False, compare=False)
+    _walk_key: tuple[int, ...] = field(init=False, repr=False, compare=False)
 
     @classmethod
     def from_registers(cls, regs: Mapping[str, int]) -> PagingContext:
@@ -143,9 +145,17 @@ class PagingContext:
             raise XendbgError(f"register set lacks {', '.join(missing)}")
         return cls(regs["cr0"], regs["cr3"], regs["cr4"], regs.get("efer", 0))
 
+    def __post_init__(self) -> None:
+        # Every cached translation is looked up by these: derive them once.
+        mode = paging_mode(self.cr0, self.cr4, self.efer)
+        pse = bool(self.cr4 & CR4_PSE) and mode is PagingMode.BITS32
+        nxe = bool(self.efer & EFER_NXE) and mode.has_nx
+        object.__setattr__(self, "_mode", mode)
+        object.__setattr__(self, "_walk_key", (self.cr3, _MODE_CODES[mode], int(pse), int(nxe)))
+
     @property
     def mode(self) -> PagingMode:
-        return paging_mode(self.cr0, self.cr4, self.efer)
+        return self._mode
 
     @property
     def nxe(self) -> bool:
@@ -156,10 +166,7 @@ class PagingContext:
     def walk_key(self) -> tuple[int, ...]:
         """The values that decide every walk result for a given memory content:
         CR3, the mode, CR4.PSE where the mode reads it, and NXE where it applies."""
-        mode = self.mode
-        pse = bool(self.cr4 & CR4_PSE) and mode is PagingMode.BITS32
-        nxe = bool(self.efer & EFER_NXE) and mode.has_nx
-        return (self.cr3, _MODE_CODES[mode], int(pse), int(nxe))
+        return self._walk_key
 
 
 _MODE_CODES = {mode: i for i, mode in enumerate(PagingMode)}

@@ -80,6 +80,7 @@ class RegisterLayout:
         "_by_source",
         "architecture",
         "fpu",
+        "g_plan",
         "g_size",
         "registers",
         "word_size",
@@ -95,6 +96,8 @@ class RegisterLayout:
         self.g_size = sum(r.size for r in registers)
         self._by_name = {r.name: r for r in registers}
         self._by_source = {r.source: r for r in registers}
+        # (canonical name, size, mask) in g order: the hot path of every stop.
+        self.g_plan = tuple((r.source, r.size, r.mask) for r in registers)
 
     def __len__(self) -> int:
         return len(self.registers)
@@ -293,7 +296,13 @@ def g_hex(lay: RegisterLayout, values: Mapping[str, int]) -> str:
     Values wider than a register (``rax`` for ``eax``, ``rflags`` for ``eflags``)
     are truncated to the register's size.
     """
-    return "".join(reg_hex(r, values.get(r.source)) for r in lay.registers)
+    try:
+        raw = b"".join(
+            (values[name] & mask).to_bytes(size, "little") for name, size, mask in lay.g_plan
+        )
+    except KeyError:  # some register unavailable: mark it register by register
+        return "".join(reg_hex(r, values.get(r.source)) for r in lay.registers)
+    return raw.hex()
 
 
 def encode_g(lay: RegisterLayout, values: Mapping[str, int]) -> bytes:

@@ -44,6 +44,11 @@ class TranslationCache:
 
     def lookup(self, ctx: PagingContext, linear: int) -> Translation | None:
         """The cached translation of ``linear`` under ``ctx``, or None."""
+        base = self.lookup_page(ctx, linear)
+        return None if base is None else base.at(linear)
+
+    def lookup_page(self, ctx: PagingContext, linear: int) -> Translation | None:
+        """The cached translation of the page holding ``linear`` (for its base)."""
         wk = ctx.walk_key
         for size in _SIZES[wk[1]]:
             key = (wk, size, linear & ~(size - 1))
@@ -51,7 +56,7 @@ class TranslationCache:
             if hit is not None:
                 self._entries.move_to_end(key)
                 self.hits += 1
-                return hit.at(linear)
+                return hit
         self.misses += 1
         return None
 
@@ -113,7 +118,21 @@ class Mmu:
     ) -> list[tuple[int, int]]:
         """(gpa, length) chunks of ``[linear, linear+size)``, one per page touched."""
         ctx = self.context(ctrl)
-        return split_range(lambda la: self.translate(ctx, la), linear, size)
+        if ctx.mode is PagingMode.NONE:
+            return split_range(lambda la: self.translate(ctx, la), linear, size)
+        # The common case, all pages cached, without building a Translation per page.
+        chunks: list[tuple[int, int]] = []
+        end = linear + size
+        la = linear
+        while la < end:
+            page = self.cache.lookup_page(ctx, la)
+            if page is None:
+                return split_range(lambda a: self.translate(ctx, a), linear, size)
+            off = la - page.linear
+            length = min(page.page_size - off, end - la)
+            chunks.append((page.gpa + off, length))
+            la += length
+        return chunks
 
     def read_linear(self, ctrl: PagingContext | Mapping[str, int], linear: int, size: int) -> bytes:
         """Read ``size`` bytes at ``linear``.  Every page is translated first, so a

@@ -5,7 +5,9 @@ a round trip costs a fraction of what an asyncio stream does, and a debugging
 session is one client at a time anyway.  While the guest runs, the client's
 thread selects on the socket *and* on the engine's descriptors
 (``Session.wait_fds``), so a 0x03 (Ctrl-C) reaches ``Session.interrupt`` at once
-and a stop is reported as soon as it happens.
+and a stop is reported as soon as it happens; when the session polls for its
+stops (spin breakpoints: no event says a vCPU reached a ``jmp $``), the select
+times out after ``Session.poll_interval`` and the thread asks again.
 
 Every way a client can leave (D, k, vKill, EOF, a broken socket, a protocol
 error, the server being stopped) ends in ``Session.detach``: breakpoints and
@@ -69,8 +71,10 @@ class DomainServer:
         port: int = 1234,
         monitor_factory: MonitorFactory | None = None,
         release_initial_pause: bool = False,
+        breakpoints: str = "auto",
     ) -> None:
         self.domain = domain
+        self.breakpoints = breakpoints  # Session's breakpoint strategy: auto, int3, spin
         self.host = host
         self.port = port
         self.monitor_factory = monitor_factory
@@ -83,6 +87,7 @@ class DomainServer:
         self._closing = False
         self._listener: socket.socket | None = None
         self._thread: threading.Thread | None = None
+        self.gone: str | None = None  # why the domain vanished (see vanish)
 
     def start(self) -> None:
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
@@ -113,6 +118,21 @@ class DomainServer:
         if self._thread is not None:
             self._thread.join(5)
 
+    def vanish(self, why: str) -> None:
+        """The domain is gone (destroyed): stop listening and tell the attached client,
+        which gets the stop reply X09 if the guest was running, else an error reply to
+        its next packet.  Returns at once; ``close`` joins the client threads."""
+        self.gone = why
+        with self._lock:
+            self._closing = True
+            clients = list(self._clients)
+        if self._listener is not None:
+            with contextlib.suppress(OSError):
+                self._listener.shutdown(socket.SHUT_RDWR)
+            self._listener.close()
+        for c in clients:
+            c.stop()
+
     def _accept_loop(self) -> None:
         assert self._listener is not None
         while True:
@@ -132,8 +152,21 @@ class DomainServer:
         with self._lock:
             self._clients.discard(client)
 
+    def open_domain(self) -> Domain:
+        """The domain a new client's session runs on (a hook: servers that attach to
+        the domain only while a client is connected open it here)."""
+        return self.domain
+
+    def close_domain(self, domain: Domain) -> None:
+        """Called once a client's session has detached from ``open_domain``'s domain."""
+
     def attach(self) -> Session:
-        session = Session(self.domain)
+        domain = self.open_domain()
+        try:
+            session = Session(domain, breakpoints=self.breakpoints)
+        except BaseException:
+            self.close_domain(domain)
+            raise
         if self._initial_pause:
             self._initial_pause = False
             self.domain.unpause()
@@ -148,6 +181,7 @@ class ClientSession:
         self.sock = sock
         self.peer = peer
         self.conn = Connection()
+        self._out = bytearray()
         self._wake_r, self._wake_w = os.pipe()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name=f"xendbg-client-{peer}")
@@ -166,7 +200,13 @@ class ClientSession:
         self._thread.join(30)
 
     def _send(self, payload: bytes) -> None:
-        self.sock.sendall(self.conn.send_packet(payload))
+        self._out += self.conn.send_packet(payload)
+
+    def _flush(self) -> None:
+        """One write per batch of replies: every extra segment costs a wake-up."""
+        if self._out:
+            data, self._out = bytes(self._out), bytearray()
+            self.sock.sendall(data)
 
     def _run(self) -> None:
         try:
@@ -201,6 +241,7 @@ class ClientSession:
                     continue
                 if isinstance(ev, Packet):
                     self._send(b"E." + msg.encode())
+                    self._flush()
                 return
         except (OSError, RemoteProtocolError):
             return
@@ -220,6 +261,7 @@ class ClientSession:
         log.info("client %s attached to domain %s", self.peer, self.server.domain.domid)
         try:
             self._loop(session, stub)
+            self._flush()  # e.g. the OK of a D
         except (RemoteProtocolError, OSError) as e:
             log.warning("client %s: %s", self.peer, e)
         finally:
@@ -232,12 +274,40 @@ class ClientSession:
         self.conn.receive_data(data)
         if isinstance(self.conn.next_event(), Packet):
             self._send(b"E." + message.encode())
+            self._flush()
+
+    def _report_gone(self, running: bool, why: str) -> None:
+        """The domain vanished: a running guest's stop reply is X09 (killed); an idle
+        client's next packet gets an error reply saying why."""
+        if running:
+            self._send(replies.terminated(9))
+            self._flush()
+            return
+        self.sock.settimeout(REFUSE_TIMEOUT)
+        while True:
+            ev = self.conn.next_event()
+            self._out += self.conn.data_to_send()
+            if isinstance(ev, Packet):
+                self._send(b"E." + why.encode())
+                self._flush()
+                return
+            if isinstance(ev, ConnectionClosed):
+                return
+            if isinstance(ev, NeedData):
+                self._flush()
+                data = self.sock.recv(READ_SIZE)
+                if not data:
+                    return
+                self.conn.receive_data(data)
 
     def _detach(self, session: Session) -> None:
         try:
             session.detach()
         except XendbgError as e:
-            log.error("detach failed: %s", e)
+            if self.server.gone is None:
+                log.error("detach failed: %s", e)
+        finally:
+            self.server.close_domain(session.domain)
 
     def _loop(self, session: Session, stub: GdbStub) -> None:
         running = False
@@ -245,8 +315,7 @@ class ClientSession:
         while True:
             while True:  # handle every complete event that has arrived
                 ev = self.conn.next_event()
-                if extra := self.conn.data_to_send():
-                    self.sock.sendall(extra)
+                self._out += self.conn.data_to_send()
                 if isinstance(ev, NeedData):
                     break
                 if isinstance(ev, ConnectionClosed):
@@ -276,11 +345,16 @@ class ClientSession:
                             break
                     queued.clear()
                     continue
+            self._flush()
             fds: list[int] = [self.sock.fileno(), self._wake_r]
+            timeout = None
             if running:
                 fds += session.wait_fds()
-            ready, _, _ = select.select(fds, [], [])
+                timeout = session.poll_interval
+            ready, _, _ = select.select(fds, [], [], timeout)
             if self._wake_r in ready or self._stopping:
+                if self.server.gone is not None:
+                    self._report_gone(running, self.server.gone)
                 return
             if self.sock.fileno() in ready:
                 self.conn.receive_data(self.sock.recv(READ_SIZE))
@@ -325,6 +399,7 @@ def serve_domain(
     monitor_factory: MonitorFactory | None = None,
     release_initial_pause: bool = False,
     ready: Callable[[int], None] | None = None,
+    breakpoints: str = "auto",
 ) -> None:
     """Serve until SIGINT/SIGTERM; then detach any client and return."""
     import signal
@@ -335,6 +410,7 @@ def serve_domain(
         port=port,
         monitor_factory=monitor_factory,
         release_initial_pause=release_initial_pause,
+        breakpoints=breakpoints,
     )
     done = threading.Event()
     previous = {
