@@ -140,3 +140,47 @@ def test_detach_leaves_guest_running_and_clean(longmode: Path) -> None:
         v2 = int.from_bytes(bytes.fromhex(c.request(b"m%x,8" % counter).decode()), "little")
         c.close()
         assert v2 > v1
+
+
+def test_spin_breakpoints_break_continue_stepi_detach(longmode: Path) -> None:
+    """`--breakpoints spin`: jmp $ patches found by polling, as for a Xen PV guest."""
+    sym = symbols(longmode)
+    with Server(longmode, "--breakpoints", "spin") as srv:
+        out = gdb(
+            srv.port,
+            longmode,
+            "break main_loop",  # unmapped at first: a debug register stands in
+            "continue",
+            "delete",
+            "break compute",  # `push %rbp`: a one-byte instruction under a two-byte patch
+            "continue",
+            "info registers rip",
+            "print *(unsigned long *)&counter",
+            "continue",
+            "info registers rip",
+            "print *(unsigned long *)&counter",
+            "x/2xb compute",
+            "stepi",
+            "info registers rip",
+            "detach",
+        )
+        rips = [int(x, 16) for x in re.findall(r"^rip\s+(0x[0-9a-f]+)", out, re.M)]
+        assert rips == [sym["compute"], sym["compute"], sym["compute"] + 1], out
+        counts = [int(x) for x in re.findall(r"^\$\d+ = (\d+)", out, re.M)]
+        assert len(counts) == 2 and counts[1] == counts[0] + 1, out
+        # The guest's bytes, not our jmp $ (eb fe), in gdb's memory view.
+        assert re.search(r"<compute>:\s+0x55\s+0x48", out), out
+        # After detach: the guest's bytes are back in memory and the guest runs on.
+        c = RspClient(srv.port)
+        c.no_ack()
+        assert c.request(b"m%x,2" % sym["compute"]) == b"5548"
+        assert c.request(b"m%x,2" % sym["main_loop"]) != b"ebfe"
+        counter = sym["counter"]
+        v1 = int.from_bytes(bytes.fromhex(c.request(b"m%x,8" % counter).decode()), "little")
+        c.close()
+        time.sleep(0.3)
+        c = RspClient(srv.port)
+        c.no_ack()
+        v2 = int.from_bytes(bytes.fromhex(c.request(b"m%x,8" % counter).decode()), "little")
+        c.close()
+        assert v2 > v1

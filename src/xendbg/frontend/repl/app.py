@@ -165,6 +165,7 @@ def run(
     no_color: bool = False,
     echo: bool = False,
     attach: str | None = None,
+    breakpoints: str = "auto",
     stdin: TextIO | None = None,
     stdout: TextIO | None = None,
     stderr: TextIO | None = None,
@@ -177,7 +178,7 @@ def run(
     color = use_color(no_color, interactive, stdout)
     out = make_console(stdout, color)
     err = make_console(stderr, use_color(no_color, interactive, stderr))
-    dbg = Debugger(out, target=target)
+    dbg = Debugger(out, target=target, breakpoints=breakpoints)
     repl = Repl(dbg, err, echo=echo)
     try:
         for path in symbol_files:

@@ -67,8 +67,10 @@ class Debugger:
         session: Session | None = None,
         symbols: SymbolTable | None = None,
         context_after_stop: bool = True,
+        breakpoints: str = "auto",
     ) -> None:
         self.out = out
+        self.breakpoint_strategy = breakpoints  # for the sessions it makes: auto, int3, spin
         self.target = target
         self._session = session
         self.owns_session = session is None
@@ -102,7 +104,7 @@ class Debugger:
         if self.target is None:
             raise CommandError("no target to attach to")
         dom = self.target.domain(ident)
-        self._session = Session(dom)
+        self._session = Session(dom, breakpoints=self.breakpoint_strategy)
         self.target.attached(dom)
         self._names = None
         self._shown.clear()
@@ -117,7 +119,11 @@ class Debugger:
         self.breakpoints.clear()
         self.watchpoints.clear()
         self._shown.clear()
-        s.detach()
+        try:
+            s.detach()
+        finally:
+            if self.target is not None:
+                self.target.detached(s.domain)
 
     def close(self) -> None:
         try:
