@@ -98,7 +98,8 @@ def qemu_server(elf: Path) -> Iterator[int]:
         proc.wait(10)
 
 
-def gdb_batch(port: int, elf: Path, cmds: list[str]) -> tuple[float, str]:
+def gdb_timed(port: int, elf: Path, cmds: list[str]) -> float:
+    """Seconds gdb spends on ``cmds`` (timed inside gdb, after reaching main_loop)."""
     args = [
         "gdb",
         "-nx",
@@ -115,12 +116,16 @@ def gdb_batch(port: int, elf: Path, cmds: list[str]) -> tuple[float, str]:
         "continue",
         "-ex",
         "delete",
+        "-ex",
+        "python import time; _t0 = time.perf_counter()",
     ]
     for c in cmds:
         args += ["-ex", c]
-    t0 = time.perf_counter()
+    args += ["-ex", "python print('ELAPSED %.6f' % (time.perf_counter() - _t0))"]
     out = subprocess.run(args, capture_output=True, text=True, timeout=600)
-    return time.perf_counter() - t0, out.stdout + out.stderr
+    m = re.search(r"ELAPSED ([0-9.]+)", out.stdout)
+    assert m, (out.stdout + out.stderr)[-800:]
+    return float(m.group(1))
 
 
 def run_to_main_loop(c: RspClient, main_loop: int) -> None:
@@ -169,11 +174,8 @@ def measure(
     main_loop = symbol(elf, "main_loop")
     res: dict[str, float] = {}
     with server(elf) as port:  # type: ignore[attr-defined]
-        base, _ = gdb_batch(port, elf, [])
-    with server(elf) as port:  # type: ignore[attr-defined]
-        t, out = gdb_batch(port, elf, ["stepi"] * args.steps + ["info registers rip"])
-        assert "rip" in out, out[-500:]
-        res["gdb stepi /s"] = args.steps / max(t - base, 1e-9)
+        t = gdb_timed(port, elf, ["stepi"] * args.steps)
+        res["gdb stepi /s"] = args.steps / t
     with server(elf) as port:  # type: ignore[attr-defined]
         res["raw step+g µs"] = raw_step_g(port, main_loop, args.raw_steps)
     with server(elf) as port:  # type: ignore[attr-defined]
@@ -181,9 +183,9 @@ def measure(
     with server(elf) as port, tempfile.TemporaryDirectory() as d:  # type: ignore[attr-defined]
         dump = os.path.join(d, "mem.bin")
         size = args.dump_mib << 20
-        t, out = gdb_batch(port, elf, [f"dump binary memory {dump} 0x0 {size:#x}"])
-        assert os.path.getsize(dump) == size, out[-500:]
-        res["gdb dump MiB/s"] = args.dump_mib / max(t - base, 1e-9)
+        t = gdb_timed(port, elf, [f"dump binary memory {dump} 0x0 {size:#x}"])
+        assert os.path.getsize(dump) == size
+        res["gdb dump MiB/s"] = args.dump_mib / t
     print(f"  {name}: " + ", ".join(f"{k} = {v:.1f}" for k, v in res.items()), flush=True)
     return res
 

@@ -50,6 +50,13 @@ def run_to(s: Session, addr: int) -> None:
     s.remove_breakpoint(addr)
 
 
+def without_debug_registers(s: Session) -> None:
+    """Make the session use page-access watchpoints, as on a backend without DRs."""
+    assert s.dregs is not None
+    s.dregs.clear()
+    s.dregs = None
+
+
 def u64(s: Session, addr: int) -> int:
     return int.from_bytes(s.read_memory(0, addr, 8), "little")
 
@@ -135,7 +142,7 @@ def test_write_watchpoint_reports_after_the_write(
 ) -> None:
     run_to(session, sym["main_loop"])
     if force_pages:
-        session.dregs = None  # take the page-access path, as on a backend without DRs
+        without_debug_registers(session)
         assert Capability.MEM_ACCESS in session.caps
     watched = sym["watched"]
     session.insert_watchpoint(WatchKind.WRITE, watched, 8)
@@ -156,7 +163,7 @@ def test_write_watchpoint_reports_after_the_write(
 
 def test_page_watch_filters_other_bytes_of_the_page(session: Session, sym: dict[str, int]) -> None:
     run_to(session, sym["main_loop"])
-    session.dregs = None
+    without_debug_registers(session)
     # `result` shares the page with `watched` and `counter`, written every loop:
     # only `watched` may stop us.
     session.insert_watchpoint(WatchKind.WRITE, sym["watched"], 8)

@@ -45,6 +45,9 @@ class DebugRegisters:
         self.max_len = 8 if domain.word_size == 8 else 4
         self._slots: list[tuple[HwRequest, int, int] | None] = [None] * debugregs.NUM_SLOTS
         self._saved: dict[int, dict[str, int]] = {}  # vcpu → guest's own DRs
+        # Slots change often while stopped (gdb re-inserts every breakpoint around
+        # each step); the vCPUs only need them when they run: see sync().
+        self._dirty = False
 
     def free(self) -> int:
         return sum(s is None for s in self._slots)
@@ -67,7 +70,7 @@ class DebugRegisters:
         for piece_addr, piece_len in pieces:
             n = self._slots.index(None)
             self._slots[n] = (req, piece_addr, piece_len)
-        self._apply()
+        self._dirty = True
 
     def remove(self, kind: HwKind, addr: int, length: int) -> bool:
         return self._remove(lambda r: (r.kind, r.addr, r.length) == (kind, addr, length))
@@ -82,12 +85,18 @@ class DebugRegisters:
                 self._slots[n] = None
                 found = True
         if found:
-            self._apply()
+            self._dirty = True
         return found
 
+    def sync(self) -> None:
+        """Write pending slot changes to the vCPUs (call before they run)."""
+        if self._dirty:
+            self._apply()
+
     def clear(self) -> None:
-        if any(s is not None for s in self._slots) or self._saved:
-            self._slots = [None] * debugregs.NUM_SLOTS
+        """Drop every slot and give the guest its own DRs back, now."""
+        self._slots = [None] * debugregs.NUM_SLOTS
+        if self._saved or self._dirty:
             self._apply()
 
     def hit(self, dr6: int) -> HwHit | None:
@@ -102,6 +111,7 @@ class DebugRegisters:
 
     def _apply(self) -> None:
         """Load our slots into every vCPU; the guest's own DRs come back when we hold none."""
+        self._dirty = False
         in_use = any(s is not None for s in self._slots)
         for v in range(self.domain.vcpu_count):
             if not in_use:

@@ -146,6 +146,7 @@ class Session:
         self.dregs = DebugRegisters(domain) if Capability.DEBUG_REGISTERS in self.caps else None
         self.pwatch = PageWatches(domain) if Capability.MEM_ACCESS in self.caps else None
         self._regs: dict[int, dict[str, int]] = {}
+        self._ctx: dict[int, PagingContext] = {}  # per-vCPU paging state, like _regs
         self._held: dict[int, Event] = {}
         self._pending: deque[Stop] = deque()
         self._step: _Step | None = None
@@ -243,6 +244,7 @@ class Session:
         self._check_vcpu(vcpu)
         self.domain.set_registers(vcpu, values)
         self._regs.pop(vcpu, None)
+        self._ctx.pop(vcpu, None)
         if any(name in ("cr0", "cr3", "cr4", "efer") for name in values):
             self.vmem.invalidate()
 
@@ -250,7 +252,10 @@ class Session:
         return self.registers(vcpu)["rip"]
 
     def paging(self, vcpu: int) -> PagingContext:
-        return VirtualMemory.context(self.registers(vcpu))
+        ctx = self._ctx.get(vcpu)
+        if ctx is None:
+            ctx = self._ctx[vcpu] = VirtualMemory.context(self.registers(vcpu))
+        return ctx
 
     # -- memory -----------------------------------------------------------
     def read_memory(self, vcpu: int, addr: int, size: int, *, partial: bool = False) -> bytes:
@@ -353,8 +358,9 @@ class Session:
         """Let the guest go: every vCPU continues, or only ``step`` executes one
         instruction.  Returns at once; ``wait`` reports the next stop."""
         self._check_stopped()
-        self._intr_flag.clear()
-        self._drain_pipe()
+        if self._intr_flag.is_set():  # a stale Ctrl-C that arrived as the guest stopped
+            self._intr_flag.clear()
+            self._drain_pipe()
         if self._pending:
             # A stop that happened together with the last one: report it without running.
             self._running = True
@@ -440,6 +446,7 @@ class Session:
 
     def _invalidate(self) -> None:
         self._regs.clear()
+        self._ctx.clear()
         self.vmem.invalidate()
 
     def _on_our_breakpoint(self, vcpu: int) -> bool:
@@ -497,6 +504,8 @@ class Session:
             self._dom_paused = True
 
     def _release_pause(self) -> None:
+        if self.dregs is not None:
+            self.dregs.sync()  # debug-register changes reach the vCPUs before they run
         if self._dom_paused:
             self.domain.unpause()
             self._dom_paused = False
@@ -715,6 +724,7 @@ class Session:
             rflags = self.domain.get_registers(st.vcpu)["rflags"]
             self.domain.set_registers(st.vcpu, {"rflags": rflags & ~RFLAGS_TF})
         self._regs.pop(st.vcpu, None)
+        self._ctx.pop(st.vcpu, None)
         self._undo_patches(st)
         if self._lifted is not None:
             self.sw.replant(self._lifted)
