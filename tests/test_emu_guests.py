@@ -11,22 +11,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from elftools.elf.elffile import ELFFile
-from elftools.elf.sections import SymbolTableSection
 
+from elfsyms import symbols
 from xendbg.arch.x86.paging import PagingContext, walk
 from xendbg.backend.base import Event, EventKind, Response
 from xendbg.backend.emu import EmuDomain, VcpuState
 
 TIMEOUT = 5.0
 KERNEL_VIRT_BASE = 0xFFFFFFFF80000000
-
-
-def symbols(path: Path, field: str = "st_value") -> dict[str, int]:
-    with open(path, "rb") as f:
-        table = ELFFile(f).get_section_by_name(".symtab")
-        assert isinstance(table, SymbolTableSection)
-        return {s.name: s[field] for s in table.iter_symbols() if s.name}
 
 
 def wait_until(pred: Callable[[], bool]) -> bool:

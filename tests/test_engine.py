@@ -6,8 +6,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from elftools.elf.elffile import ELFFile
 
+from elfsyms import symbols
 from xendbg.backend.base import Access, Capability
 from xendbg.backend.emu import EmuDomain
 from xendbg.engine.session import Session
@@ -15,12 +15,6 @@ from xendbg.engine.stops import StopReason, WatchKind
 from xendbg.errors import GuestMemoryFault, XendbgError
 
 TIMEOUT = 10.0
-
-
-def symbols(elf: Path) -> dict[str, int]:
-    with elf.open("rb") as f:
-        tab = ELFFile(f).get_section_by_name(".symtab")
-        return {s.name: s["st_value"] for s in tab.iter_symbols() if s.name}
 
 
 @pytest.fixture

@@ -8,17 +8,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from elftools.elf.elffile import ELFFile
 
+from elfsyms import symbols
 from serverproc import RspClient, Server
 
 pytestmark = pytest.mark.skipif(shutil.which("lldb") is None, reason="lldb not installed")
-
-
-def symbols(elf: Path) -> dict[str, int]:
-    with elf.open("rb") as f:
-        tab = ELFFile(f).get_section_by_name(".symtab")
-        return {s.name: s["st_value"] for s in tab.iter_symbols() if s.name}
 
 
 def lldb(port: int, elf: Path, *commands: str, timeout: float = 60) -> str:

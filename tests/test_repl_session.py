@@ -17,6 +17,7 @@ import pytest
 from elftools.elf.elffile import ELFFile
 from rich.console import Console
 
+from elfsyms import symbols
 from xendbg.engine.stops import StopReason
 from xendbg.errors import XendbgError
 from xendbg.frontend.repl import Debugger, execute
@@ -26,12 +27,6 @@ from xendbg.frontend.repl.registry import CommandError
 from xendbg.frontend.repl.target import EmuTarget
 
 RUN = "continue -t 10"  # every continue below has a stop it must reach well within this
-
-
-def symbols(elf: Path) -> dict[str, int]:
-    with elf.open("rb") as f:
-        tab = ELFFile(f).get_section_by_name(".symtab")
-        return {s.name: s["st_value"] for s in tab.iter_symbols() if s.name}
 
 
 def code_of(elf: Path, section: str) -> tuple[int, bytes]:

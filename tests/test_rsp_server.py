@@ -10,15 +10,9 @@ import time
 from pathlib import Path
 
 import pytest
-from elftools.elf.elffile import ELFFile
 
+from elfsyms import symbols
 from serverproc import RspClient, Server
-
-
-def symbols(elf: Path) -> dict[str, int]:
-    with elf.open("rb") as f:
-        tab = ELFFile(f).get_section_by_name(".symtab")
-        return {s.name: s["st_value"] for s in tab.iter_symbols() if s.name}
 
 
 @pytest.fixture

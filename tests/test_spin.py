@@ -16,9 +16,8 @@ from pathlib import Path
 
 import pytest
 from capstone import CS_ARCH_X86, CS_MODE_32, CS_MODE_64, Cs
-from elftools.elf.elffile import ELFFile
-from elftools.elf.sections import SymbolTableSection
 
+from elfsyms import symbols
 from xendbg.backend.base import Capability, Domain, Event, EventKind, Response
 from xendbg.backend.emu import EmuDomain
 from xendbg.engine.session import (
@@ -121,13 +120,6 @@ class CapabilityMask(Domain):
 
     def close(self) -> None:
         self.inner.detach()
-
-
-def symbols(elf: Path) -> dict[str, int]:
-    with elf.open("rb") as f:
-        tab = ELFFile(f).get_section_by_name(".symtab")
-        assert isinstance(tab, SymbolTableSection)
-        return {s.name: s["st_value"] for s in tab.iter_symbols() if s.name}
 
 
 @pytest.fixture
