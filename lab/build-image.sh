@@ -50,7 +50,10 @@ chroot "$root" depmod "$kver"
 gunzip -c "$root"/boot/xen-4.17-amd64.gz >"$work/xen"
 cp "$root/boot/vmlinuz-$kver" "$work/vmlinuz"
 rm -rf "$root"/boot/* "$root"/var/cache/apt/* "$root"/var/lib/apt/lists/* \
-  "$root"/usr/lib/udev/hwdb.* "$root"/usr/lib/x86_64-linux-gnu/*.a
+  "$root"/usr/lib/udev/hwdb.*
+# Static libraries are dead weight, but libc.so's linker script names libc_nonshared.a: keep it
+# so that gcc in dom0 can link (bench/xen/foreign_read.c).
+find "$root"/usr/lib/x86_64-linux-gnu -maxdepth 1 -name '*.a' ! -name libc_nonshared.a -delete
 # The kernel opens /dev/console for /init before anything is mounted.
 [ -e "$root/dev/console" ] || mknod -m 600 "$root/dev/console" c 5 1
 dpkg-query --admindir="$root/var/lib/dpkg" -W >"$work/packages.lst"

@@ -195,7 +195,7 @@ def _image(guests_dir: Path, spec: GuestSpec) -> Image:
 
 
 def test_build_is_idempotent(guests_dir: Path) -> None:
-    elfs = {name: guests_dir / f"{name}.elf" for name in GUESTS}
+    elfs = {name: guests_dir / f"{name}.elf" for name in [*GUESTS, "pv64"]}
     mtimes = {name: p.stat().st_mtime_ns for name, p in elfs.items()}
     assert _make(guests_dir, "-q").returncode == 0, "make -q: guests should be up to date"
     proc = _make(guests_dir)
@@ -401,3 +401,101 @@ def test_pvh_boot_under_qemu(guests_dir: Path, spec: GuestSpec, tmp_path: Path) 
         rest = rest[1:]
     expected = [f"vcpu 0 counter=0x{spec.report_every * k:0{width}x}" for k in (1, 2, 3)]
     assert rest[:3] == expected
+
+
+# --------------------------------------------------------------------------- PV guest
+# pv64.elf boots only as a Xen PV domain (the lab's pv-attach scenario): its notes are what
+# Xen's PV domain builder (libelf) reads, checked here against xen/include/public/elfnote.h.
+
+XEN_ELFNOTE_ENTRY = 1
+XEN_ELFNOTE_HYPERCALL_PAGE = 2
+XEN_ELFNOTE_VIRT_BASE = 3
+XEN_ELFNOTE_PADDR_OFFSET = 4
+XEN_ELFNOTE_XEN_VERSION = 5
+# xen.h hypercall numbers the guest uses (each has a 32-byte stub in the hypercall page)
+HYPERCALLS = {"console_io": 18, "sched_op": 29, "event_channel_op": 32}
+
+
+@pytest.fixture(scope="module")
+def pv64(guests_dir: Path) -> Image:
+    return _read_image(guests_dir / "pv64.elf")
+
+
+def _xen_notes(img: Image) -> dict[int, bytes]:
+    blobs = [d for s, d in zip(img.segments, img.segment_data, strict=True)
+             if s["p_type"] == "PT_NOTE"]  # fmt: skip
+    assert len(blobs) == 1
+    return {ntype: desc for name, ntype, desc in _parse_notes(blobs[0]) if name == b"Xen\0"}
+
+
+def test_pv64_is_a_pv_image(pv64: Image) -> None:
+    assert pv64.header["e_ident"]["EI_CLASS"] == "ELFCLASS64"
+    assert pv64.header["e_machine"] == "EM_X86_64"
+    assert pv64.header["e_type"] == "ET_EXEC"
+    notes = _xen_notes(pv64)
+    assert notes[XEN_ELFNOTE_GUEST_OS] == b"xendbg-test\0"
+    assert notes[XEN_ELFNOTE_GUEST_VERSION].endswith(b"\0")
+    assert notes[XEN_ELFNOTE_XEN_VERSION] == b"xen-3.0\0"
+    assert notes[XEN_ELFNOTE_LOADER] == b"generic\0"
+    assert XEN_ELFNOTE_PHYS32_ENTRY not in notes, "PV only: no PVH entry"
+    virt_base = int.from_bytes(notes[XEN_ELFNOTE_VIRT_BASE], "little")
+    paddr_offset = int.from_bytes(notes[XEN_ELFNOTE_PADDR_OFFSET], "little")
+    assert (virt_base, paddr_offset) == (KERNEL_VIRT_BASE, 0)
+    entry = int.from_bytes(notes[XEN_ELFNOTE_ENTRY], "little")
+    assert entry == pv64.header["e_entry"] == pv64.symbols["_start"]["st_value"]
+    # libelf maps each PT_LOAD at p_paddr + VIRT_BASE - PADDR_OFFSET: the symbols must agree.
+    loads = [seg for seg, _ in pv64.load_segments()]
+    for seg in loads:
+        assert seg["p_vaddr"] == seg["p_paddr"] + virt_base - paddr_offset
+    kstart = min(s["p_vaddr"] for s in loads)
+    kend = max(s["p_vaddr"] + s["p_memsz"] for s in loads)
+    hypercall_page = int.from_bytes(notes[XEN_ELFNOTE_HYPERCALL_PAGE], "little")
+    assert hypercall_page == pv64.symbols["hypercall_page"]["st_value"]
+    assert hypercall_page % PAGE == 0 and kstart <= hypercall_page < kend  # libelf's check
+    seg, data = pv64.segment_of(hypercall_page)
+    assert seg["p_flags"] & 1, "the hypercall stubs must be executable"
+    off = hypercall_page - seg["p_vaddr"]
+    assert data[off : off + PAGE] == bytes(PAGE), "Xen fills the page; the image leaves it 0"
+
+
+def test_pv64_symbols(pv64: Image) -> None:
+    for name in ("_start", "main_loop", "tick", "compute", "puts", "puthex", "console_write"):
+        sym = pv64.symbols[name]
+        assert sym["st_info"]["type"] == "STT_FUNC" and sym["st_size"] > 0, name
+        assert pv64.segment_of(sym["st_value"])[0]["p_flags"] & 1, name
+    sizes = {"counter": 32, "result": 32, "watched": 32, "pv_data": 16, "start_info": 8,
+             "cons_ring": 8, "stacks": 0x4000}  # fmt: skip
+    for name, size in sizes.items():
+        sym = pv64.symbols[name]
+        assert sym["st_info"]["type"] == "STT_OBJECT" and sym["st_size"] == size, name
+        assert pv64.segment_of(sym["st_value"])[0]["p_flags"] & 2, name
+    seg, data = pv64.segment_of(pv64.symbols["pv_data"]["st_value"])
+    off = pv64.symbols["pv_data"]["st_value"] - seg["p_vaddr"]
+    assert data[off : off + 16] == b"PV-GUEST-MARKER\0"
+
+
+def test_pv64_calls_hypercalls_through_their_stubs(pv64: Image) -> None:
+    """console_write's calls land on hypercall_page + 32 * nr for the hypercalls it makes."""
+    from capstone import CS_ARCH_X86, CS_MODE_64, Cs
+
+    sym = pv64.symbols["console_write"]
+    seg, data = pv64.segment_of(sym["st_value"])
+    off = sym["st_value"] - seg["p_vaddr"]
+    md = Cs(CS_ARCH_X86, CS_MODE_64)
+    targets = {
+        int(insn.op_str, 16)
+        for insn in md.disasm(data[off : off + sym["st_size"]], sym["st_value"])
+        if insn.mnemonic == "call"
+    }
+    page = pv64.symbols["hypercall_page"]["st_value"]
+    assert targets == {page + 32 * nr for nr in HYPERCALLS.values()}
+
+
+def test_readelf_sees_the_pv_notes(guests_dir: Path, pv64: Image) -> None:
+    """binutils' readelf finds the same Xen notes, in the same order, with the same bytes."""
+    out = subprocess.run(["readelf", "-n", "-W", str(guests_dir / "pv64.elf")],
+                         capture_output=True, text=True, check=True).stdout  # fmt: skip
+    owners = re.findall(r"^\s*(\S+)\s+0x[0-9a-f]+\s", out.split("Owner", 1)[1], re.M)
+    dumped = re.findall(r"description data: ((?:[0-9a-f]{2} )+)", out)
+    assert set(owners) == {"Xen"}
+    assert [bytes.fromhex(d) for d in dumped] == list(_xen_notes(pv64).values())

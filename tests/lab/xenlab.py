@@ -10,7 +10,8 @@ The initrd dom0 boots from is three concatenated cpio archives:
    and the build script;
 2. the project's Python runtime dependencies (pip, for dom0's Python version), cached under a
    key made of pyproject's dependencies and constraints.txt;
-3. a per-run overlay: /init (lab/init), src/, tests/lab/, the built guests and lab/guests/.
+3. a per-run overlay: /init (lab/init), src/, tests/lab/, bench/, the built guests and
+   lab/guests/.
 
 So the slow part is built once per machine and package update, the work tree is fresh each run.
 Exit status: 0 when every scenario passed, 1 when one failed, 2 when the lab itself broke.
@@ -48,8 +49,12 @@ GUESTS = REPO / "build" / "guests"
 DOM0_PYTHON = "3.11"  # Debian bookworm's python3, which runs the suite in dom0
 NOT_IN_DOM0 = {"unicorn"}  # the emulated backend's engine: dom0 debugs real domains
 
+# spec-ctrl=eager-fpu: with Xen's lazy FPU switching (its default on AMD, which the emulated CPU
+# is), dom0 processes crashed at random (heap corruption, SIGSEGV) while a domU ran, about one
+# Python process in ten; eager switching avoids the emulated CR0.TS/#NM path (docs/xen-lab.md).
 XEN_CMDLINE = (
-    "console=com1 com1=115200,8n1 dom0_mem=1536M,max:1536M loglvl=all guest_loglvl=all noreboot"
+    "console=com1 com1=115200,8n1 dom0_mem=1536M,max:1536M loglvl=all guest_loglvl=all noreboot "
+    "spec-ctrl=eager-fpu"
 )
 DOM0_CMDLINE = "console=hvc0 earlyprintk=xen rdinit=/init"
 # -smap: PV dom0 page-faults at once with it; -rdtscp: PVH guests loop on SVM instruction-length
@@ -240,6 +245,7 @@ def write_overlay(path: Path, only: Sequence[str]) -> None:
         cpio.file("init", (LAB / "init").read_bytes(), 0o755)
         cpio.tree(REPO / "src", "opt/xendbg/src", code)
         cpio.tree(REPO / "tests" / "lab", "opt/xendbg/tests/lab", code)
+        cpio.tree(REPO / "bench", "opt/xendbg/bench", code)  # bench-foreign-read builds bench/xen
         cpio.tree(LAB / "guests", "opt/xendbg/lab/guests")
         if cpio.tree(GUESTS, "opt/xendbg/guests", lambda p: p.suffix == ".elf") == 0:
             raise LabBroken(f"no guests in {GUESTS}: run `make guests`")

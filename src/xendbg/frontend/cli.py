@@ -33,6 +33,17 @@ def _add_emu_args(p: argparse.ArgumentParser, required: bool) -> None:
     )
 
 
+def _add_breakpoint_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--breakpoints",
+        choices=("auto", "int3", "spin"),
+        default="auto",
+        help="software breakpoints: int3 (reported by the hypervisor) or spin (a `jmp $` "
+        "found by polling vCPU RIPs, for guests whose traps never reach the debugger, "
+        "e.g. Xen PV); auto: int3 where the domain reports int3 events (default)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="xendbg", description="A VMI debugger for Xen guests (and emulated ones)."
@@ -45,14 +56,27 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seconds", type=float, default=1.0, help="how long to run (default 1)")
 
     serve = sub.add_parser("serve", help="GDB/LLDB remote server for a domain")
-    _add_emu_args(serve, required=True)
-    serve.add_argument("--port", type=int, default=1234, help="TCP port (default 1234; 0: any)")
+    _add_emu_args(serve, required=False)
+    serve.add_argument(
+        "--port",
+        type=int,
+        default=1234,
+        help="TCP port (default 1234; 0: any); on Xen without --attach, the first of one "
+        "port per guest domain",
+    )
+    serve.add_argument(
+        "--attach",
+        metavar="DOMAIN",
+        help="Xen: serve this domain (id or name) until it is destroyed; without it, every "
+        "guest domain, each on its own port, as domains start and stop",
+    )
     serve.add_argument(
         "--host",
         default="127.0.0.1",
         help="address to bind (default 127.0.0.1; others print a warning)",
     )
     serve.add_argument("-v", "--verbose", action="store_true", help="log connections")
+    _add_breakpoint_arg(serve)
 
     lst = sub.add_parser("list", help="list the Xen domains (name, id, type, width, state)")
     lst.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -65,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_emu_args(repl, required=False)
     repl.add_argument("--attach", metavar="DOMAIN", help="domain id or name to attach to")
+    _add_breakpoint_arg(repl)
     repl.add_argument(
         "-x",
         dest="scripts",
@@ -111,7 +136,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import logging
 
-    from xendbg.backend.emu import EmuDomain
     from xendbg.frontend.gdbserver.server import serve_domain, warn_if_exposed
     from xendbg.frontend.repl import monitor_factory
 
@@ -119,6 +143,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         level=logging.INFO if args.verbose else logging.WARNING, format="xendbg: %(message)s"
     )
     warn_if_exposed(args.host)
+    if args.emu is None:
+        return _serve_xen(args)  # dom0 has no Unicorn: import the emulator only for --emu
+    from xendbg.backend.emu import EmuDomain
 
     def ready(port: int) -> None:
         print(
@@ -135,29 +162,59 @@ def cmd_serve(args: argparse.Namespace) -> int:
             monitor_factory=monitor_factory([args.emu]),
             release_initial_pause=True,
             ready=ready,
+            breakpoints=args.breakpoints,
         )
     return 0
 
 
+def _serve_xen(args: argparse.Namespace) -> int:
+    from xendbg.backend.xen._lib import XenNotAvailable
+    from xendbg.errors import Unsupported
+    from xendbg.frontend.gdbserver.multi import serve_xen
+    from xendbg.frontend.repl import monitor_factory
+
+    def announce(line: str) -> None:
+        print(f"xendbg: {line}", flush=True)
+
+    try:
+        return serve_xen(
+            host=args.host,
+            base_port=args.port,
+            only=args.attach,
+            monitor_factory=monitor_factory([]),
+            breakpoints=args.breakpoints,
+            announce=announce,
+        )
+    except XenNotAvailable as exc:
+        raise Unsupported(
+            "serving Xen domains", f"{exc}; serve an emulated guest with --emu GUEST.elf instead"
+        ) from exc
+
+
 def cmd_repl(args: argparse.Namespace) -> int:
     from xendbg.frontend.repl import run as run_repl
-    from xendbg.frontend.repl.target import EmuTarget
+    from xendbg.frontend.repl.target import EmuTarget, Target, XenTarget
 
+    target: Target
     if args.emu is None:
         from xendbg.errors import Unsupported
 
-        raise Unsupported(
-            "attaching to Xen domains",
-            "the Xen backend is not available yet; emulate a guest with --emu GUEST.elf",
-        )
-    target = EmuTarget(args.emu, vcpus=args.vcpus, memory=args.memory)
+        try:
+            target = XenTarget()
+        except Unsupported as exc:  # no Xen here (XenNotAvailable says why)
+            raise Unsupported(
+                "attaching to Xen domains", f"{exc}; emulate a guest with --emu GUEST.elf instead"
+            ) from exc
+    else:
+        target = EmuTarget(args.emu, vcpus=args.vcpus, memory=args.memory)
     return run_repl(
         target,
-        symbol_files=[args.emu],
+        symbol_files=[args.emu] if args.emu else [],
         scripts=args.scripts,
         no_color=args.no_color,
         echo=args.echo,
         attach=args.attach,
+        breakpoints=args.breakpoints,
     )
 
 

@@ -25,6 +25,10 @@ from xendbg.backend.xen._lib import (
 from xendbg.errors import BackendError
 
 XENVER_version = 0  # Xen's name
+XENVER_extraversion = 1  # version.h: xen_extraversion_t, char[16]
+XENVER_capabilities = 3  # version.h: xen_capabilities_info_t, char[1024]
+XEN_EXTRAVERSION_LEN = 16
+XEN_CAPABILITIES_INFO_LEN = 1024
 XEN_DOMCTL_DEBUG_OP_SINGLE_STEP_OFF = 0
 XEN_DOMCTL_DEBUG_OP_SINGLE_STEP_ON = 1
 
@@ -106,6 +110,19 @@ class XenCtrl:
         """(major, minor) of the running hypervisor (XENVER_version)."""
         v = self._call("xc_version", XENVER_version, None)
         return v >> 16, v & 0xFFFF
+
+    def version_text(self) -> str:
+        """The full release, e.g. ``4.17.7`` (XENVER_version + XENVER_extraversion)."""
+        major, minor = self.version()
+        buf = ctypes.create_string_buffer(XEN_EXTRAVERSION_LEN)
+        self._call("xc_version", XENVER_extraversion, buf)
+        return f"{major}.{minor}{buf.value.decode(errors='replace')}"
+
+    def capabilities(self) -> str:
+        """XENVER_capabilities, e.g. ``xen-3.0-x86_64 hvm-3.0-x86_32 … hvm-3.0-x86_64``."""
+        buf = ctypes.create_string_buffer(XEN_CAPABILITIES_INFO_LEN)
+        self._call("xc_version", XENVER_capabilities, buf)
+        return buf.value.decode(errors="replace")
 
     def vm_event_version(self) -> int:
         """VM_EVENT_INTERFACE_VERSION of the hypervisor.

@@ -3,6 +3,10 @@
 The emulated target has exactly one domain, created when the REPL starts and
 alive until it quits; attaching makes an engine session on it, detaching ends
 that session and lets the guest run on its own.
+
+The Xen target offers every domain of this dom0 (as ``xendbg list``); attaching
+opens the domain (vm_event ring and all), detaching closes it again, so a
+detached guest carries nothing of the debugger (the next debugger can attach).
 """
 
 from __future__ import annotations
@@ -35,6 +39,10 @@ class Target(ABC):
     @abstractmethod
     def attached(self, domain: Domain) -> None:
         """Called once a session holds its own pause on ``domain``."""
+
+    @abstractmethod
+    def detached(self, domain: Domain) -> None:
+        """Called once the session on ``domain`` has detached."""
 
     @abstractmethod
     def xen_info(self) -> str: ...
@@ -72,6 +80,9 @@ class EmuTarget(Target):
             self.creation_pause = False
             domain.unpause()
 
+    def detached(self, domain: Domain) -> None:
+        pass  # the emulated domain lives (and runs) until the REPL quits
+
     def xen_info(self) -> str:
         d = self.dom
         return (
@@ -83,6 +94,75 @@ class EmuTarget(Target):
 
     def close(self) -> None:
         self.dom.close()
+
+
+class XenTarget(Target):
+    """The domains of the Xen host this dom0 controls (``xendbg repl`` without ``--emu``).
+
+    ``XenNotAvailable`` (an ``Unsupported``) when Xen's libraries or privcmd are missing.
+    """
+
+    def __init__(self) -> None:
+        from xendbg.backend.xen.xenctrl import XenCtrl
+        from xendbg.backend.xen.xenstore import XenStore
+
+        self.xc = XenCtrl()
+        try:
+            self.xs: XenStore | None = XenStore()
+        except XendbgError:
+            self.xs = None  # no xenstored: ids only, no names
+        self.open: dict[int, Domain] = {}
+
+    def guests(self) -> list[GuestInfo]:
+        from xendbg.backend.xen.listing import list_domains
+
+        return [
+            GuestInfo(d.domid, d.name, str(d.guest_type), d.vcpus, d.word_size or 8, d.state)
+            for d in list_domains(self.xc, self.xs)
+        ]
+
+    def domain(self, ident: str | None) -> Domain:
+        from xendbg.backend.xen.domain import XenDomain
+        from xendbg.backend.xen.listing import resolve
+
+        if ident is None:
+            others = [g for g in self.guests() if g.domid != 0]
+            if len(others) != 1:
+                names = ", ".join(f"{g.domid} ({g.name})" for g in others) or "none"
+                raise XendbgError(f"name the guest to attach to (guest domains: {names})")
+            domid = others[0].domid
+        else:
+            domid = resolve(self.xc, self.xs, ident)
+        if domid == 0:
+            raise XendbgError("domain 0 runs the debugger itself: attach to a guest domain")
+        if domid in self.open:
+            return self.open[domid]
+        dom = self.open[domid] = XenDomain(domid)
+        return dom
+
+    def attached(self, domain: Domain) -> None:
+        pass  # a Xen domain runs until the session pauses it: no creation pause to drop
+
+    def detached(self, domain: Domain) -> None:
+        self.open.pop(domain.domid, None)
+        domain.close()
+
+    def xen_info(self) -> str:
+        guests = self.guests()
+        return (
+            f"Xen {self.xc.version_text()}, capabilities: {self.xc.capabilities()}\n"
+            f"{len(guests)} domain(s): "
+            + ", ".join(f"{g.domid} ({g.name or '?'}, {g.guest_type})" for g in guests)
+        )
+
+    def close(self) -> None:
+        try:
+            for domid in list(self.open):
+                self.open.pop(domid).close()
+        finally:
+            if self.xs is not None:
+                self.xs.close()
+            self.xc.close()
 
 
 def xen_info_for(domain: Domain) -> str:
