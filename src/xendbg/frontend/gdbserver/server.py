@@ -104,15 +104,7 @@ class DomainServer:
 
     def close(self) -> None:
         """Stop listening, detach every client (waiting for it), join the threads."""
-        with self._lock:
-            self._closing = True
-            clients = list(self._clients)
-        if self._listener is not None:
-            with contextlib.suppress(OSError):
-                self._listener.shutdown(socket.SHUT_RDWR)
-            self._listener.close()
-        for c in clients:
-            c.stop()
+        clients = self._stop_listening()
         for c in clients:
             c.join()
         if self._thread is not None:
@@ -123,6 +115,10 @@ class DomainServer:
         which gets the stop reply X09 if the guest was running, else an error reply to
         its next packet.  Returns at once; ``close`` joins the client threads."""
         self.gone = why
+        self._stop_listening()
+
+    def _stop_listening(self) -> list[ClientSession]:
+        """Close the port and ask every client to finish; returns them for joining."""
         with self._lock:
             self._closing = True
             clients = list(self._clients)
@@ -132,6 +128,7 @@ class DomainServer:
             self._listener.close()
         for c in clients:
             c.stop()
+        return clients
 
     def _accept_loop(self) -> None:
         assert self._listener is not None
