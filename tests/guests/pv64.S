@@ -117,35 +117,7 @@ main_loop:
 	.cfi_endproc
 	.size main_loop, . - main_loop
 
-/* tick(rdi = vCPU index) -> rax = ++counter[index]. Leaf, no frame. */
-	.globl tick
-	.type tick, @function
-tick:
-	.cfi_startproc
-	movq counter(, %rdi, 8), %rax
-	incq %rax
-	movq %rax, counter(, %rdi, 8)
-	ret
-	.cfi_endproc
-	.size tick, . - tick
-
-/* compute(rdi = x) -> rax = (x + 1)^2 mod 2^64. Keeps an RBP frame. */
-	.globl compute
-	.type compute, @function
-compute:
-	.cfi_startproc
-	pushq %rbp
-	.cfi_def_cfa_offset 16
-	.cfi_offset rbp, -16
-	movq %rsp, %rbp
-	.cfi_def_cfa_register rbp
-	leaq 1(%rdi), %rax
-	imulq %rax, %rax
-	popq %rbp
-	.cfi_def_cfa rsp, 8
-	ret
-	.cfi_endproc
-	.size compute, . - compute
+	.include "work64.inc"
 
 /*
  * console_init(): find the console ring. start_info gives its machine frame;
