@@ -8,7 +8,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import TracebackType
 
@@ -112,13 +111,3 @@ class RspClient:
     def no_ack(self) -> None:
         assert self.request(b"QStartNoAckMode") == b"OK"
         self.ack = False
-
-
-def wait_until(pred: object, timeout: float = 10.0) -> bool:
-    assert callable(pred)
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(0.05)
-    return False

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import select
 import struct
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from emu_guests import DATA, Guest, build_guest
+from polling import wait_until
 from xendbg.backend.base import Access, Event, EventKind, Response
 from xendbg.backend.emu import EmuDomain, VcpuState
 from xendbg.errors import BackendError
@@ -27,15 +26,6 @@ def next_event(d: EmuDomain, kind: EventKind | None = None) -> Event:
     if kind is not None:
         assert ev.kind is kind, ev
     return ev
-
-
-def wait_until(pred: Callable[[], bool]) -> bool:
-    deadline = time.monotonic() + TIMEOUT
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.005)
-    return False
 
 
 def u64(d: EmuDomain, gpa: int) -> int:

@@ -6,28 +6,18 @@ The ``guests`` fixture (tests/conftest.py) builds them and fails if the build do
 from __future__ import annotations
 
 import struct
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from elfsyms import symbols
+from polling import wait_until
 from xendbg.arch.x86.paging import PagingContext, walk
 from xendbg.backend.base import Event, EventKind, Response
 from xendbg.backend.emu import EmuDomain, VcpuState
 
 TIMEOUT = 5.0
 KERNEL_VIRT_BASE = 0xFFFFFFFF80000000
-
-
-def wait_until(pred: Callable[[], bool]) -> bool:
-    deadline = time.monotonic() + TIMEOUT
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.005)
-    return False
 
 
 def next_event(d: EmuDomain, kind: EventKind) -> Event:

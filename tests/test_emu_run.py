@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from emu_guests import DATA, TEXT, build_guest
+from polling import wait_until
 from xendbg.backend.emu import EmuDomain, VcpuState
 from xendbg.errors import BackendError, DomainGone
 
@@ -25,15 +26,6 @@ data: .quad 0, 0, 0, 0
 
 def counters(d: EmuDomain, n: int = 2) -> list[int]:
     return list(struct.unpack(f"<{n}Q", d.read_phys(DATA, 8 * n)))
-
-
-def wait_until(pred: object, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():  # type: ignore[operator]
-            return True
-        time.sleep(0.005)
-    return False
 
 
 @pytest.fixture

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import select
 import struct
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from emu_guests import DATA, build_guest
+from polling import wait_until
 from xendbg.backend.base import Event, EventKind, Response
 from xendbg.backend.emu import EmuDomain, VcpuState
 from xendbg.backend.emu.ucext import HAVE_VMEM_READ
@@ -49,15 +49,6 @@ data: .quad 0, 0
 
 def u64s(d: EmuDomain, n: int) -> list[int]:
     return list(struct.unpack(f"<{n}Q", d.read_phys(DATA, 8 * n)))
-
-
-def wait_until(pred: Callable[[], bool]) -> bool:
-    deadline = time.monotonic() + TIMEOUT
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.005)
-    return False
 
 
 def queued(d: EmuDomain) -> Event:

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from serverproc import RspClient, wait_until
+from polling import wait_until
+from serverproc import RspClient
 from xendbg.backend.emu import EmuDomain
 from xendbg.frontend.gdbserver.multi import WATCH_TOKEN, DomainRef, Follower, PortServer, follow
 from xendbg.frontend.gdbserver.server import DomainServer
@@ -157,7 +158,7 @@ class Running:
         self.host.watch.close()
 
     def announced(self, text: str) -> bool:
-        return wait_until(lambda: text in self.lines)
+        return wait_until(lambda: text in self.lines, timeout=10.0)
 
 
 def test_ports_count_up_and_follow_domains(emu: EmuDomain) -> None:
