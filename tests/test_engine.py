@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from elfsyms import symbols
+from polling import wait_until
 from xendbg.backend.base import Access, Capability
 from xendbg.backend.emu import EmuDomain
 from xendbg.engine.session import Session
@@ -199,16 +200,14 @@ def test_detach_restores_everything(dom: EmuDomain, sym: dict[str, int]) -> None
     dom.pause()
     for v in range(dom.vcpu_count):
         regs_dr7.append(dom.get_registers(v)["dr7"] & 0xFF)
-    c1 = int.from_bytes(dom.read_phys(sym["counter"] - 0xFFFFFFFF80000000, 8), "little")
     dom.unpause()
     assert regs_dr7 == [0] * dom.vcpu_count
-    import time
 
-    time.sleep(0.2)
-    dom.pause()
-    c2 = int.from_bytes(dom.read_phys(sym["counter"] - 0xFFFFFFFF80000000, 8), "little")
-    dom.unpause()
-    assert c2 > c1  # the guest runs on
+    def counter() -> int:
+        return int.from_bytes(dom.read_phys(sym["counter"] - 0xFFFFFFFF80000000, 8), "little")
+
+    c1 = counter()
+    assert wait_until(lambda: counter() > c1)  # the guest runs on
 
 
 def test_two_vcpus_stop_together(guests: Path) -> None:
